@@ -1,0 +1,1 @@
+"""kgrank.eval stage."""

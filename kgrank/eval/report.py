@@ -1,0 +1,118 @@
+"""Run reports: ``metrics.json``, ``report.md`` with the metrics table, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are written on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from kgrank.eval.protocol import EvalResult  # noqa: E402
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file through a temp file + rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_metrics_json(path: Path, results: Sequence[EvalResult]) -> None:
+    """``{model name: {"ndcg@10": ..., "hr@10": ..., ...}}`` (test part), NaN written as null."""
+    payload: dict[str, dict[str, Any]] = {}
+    for res in results:
+        payload[res.name] = {
+            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in res.flat().items()
+        }
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def _fmt(res: EvalResult, key: str) -> str:
+    low, high = res.ci[key]
+    if math.isnan(low):
+        return f"{res.metrics[key]:.4f}"
+    return f"{res.metrics[key]:.4f} [{low:.4f}, {high:.4f}]"
+
+
+def metrics_table(results: Sequence[EvalResult], keys: Sequence[str]) -> str:
+    """Markdown table: one row per model, mean [95% CI] per metric, then same/later-time NDCG."""
+    main = keys[0]
+    head = ["model", *keys, f"{main} same-time", f"{main} later-time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        row = [res.name, *(_fmt(res, k) for k in keys)]
+        row += [f"{res.groups[g][main]:.4f} (n={res.group_sizes[g]})" for g in ("same_time", "later_time")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_ndcg_curves(path: Path, results: Sequence[EvalResult], ks: Sequence[int]) -> None:
+    """NDCG@k against k, one line per model, with CI bars."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for res in results:
+        ys = [res.metrics[f"ndcg@{k}"] for k in ks]
+        lo = [res.metrics[f"ndcg@{k}"] - res.ci[f"ndcg@{k}"][0] for k in ks]
+        hi = [res.ci[f"ndcg@{k}"][1] - res.metrics[f"ndcg@{k}"] for k in ks]
+        if any(math.isnan(v) for v in lo + hi):
+            ax.plot(ks, ys, marker="o", label=res.name)
+        else:
+            ax.errorbar(ks, ys, yerr=[lo, hi], marker="o", capsize=3, label=res.name)
+    ax.set_xlabel("k")
+    ax.set_ylabel("NDCG@k (test)")
+    ax.set_xticks(list(ks))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_bars(path: Path, results: Sequence[EvalResult], key: str) -> None:
+    """One bar per model with its 95% CI, split by same-time / later-time users."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    names = [r.name for r in results]
+    xs = range(len(results))
+    width = 0.27
+    for offset, (label, get) in zip(
+        (-width, 0.0, width),
+        (
+            ("all", lambda r: r.metrics[key]),
+            ("same-time", lambda r: r.groups["same_time"][key]),
+            ("later-time", lambda r: r.groups["later_time"][key]),
+        ),
+        strict=True,
+    ):
+        ax.bar([x + offset for x in xs], [get(r) for r in results], width, label=label)
+    for x, r in zip(xs, results, strict=True):
+        low, high = r.ci[key]
+        if not math.isnan(low):
+            ax.errorbar(x - width, r.metrics[key], yerr=[[r.metrics[key] - low], [high - r.metrics[key]]],
+                        color="black", capsize=3)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(f"{key} (test)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

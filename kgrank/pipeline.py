@@ -81,20 +81,17 @@ def baseline_searches(cfg: RunConfig) -> dict[str, tuple[Callable[..., Any], dic
 
 def oracle_result(dataset: Dataset, split: Split, cfg: RunConfig) -> EvalResult | None:
     """The demo shop's ground-truth scorer on the test requests: an upper bound for any model."""
-    from kgrank.data.demo import DemoOracle, has_oracle
+    from kgrank.data.demo import DemoOracle, has_oracle, oracle_requests
 
     if not has_oracle(dataset.root):
         return None
     oracle = DemoOracle.load(dataset.root)
-    test = split.test.drop_duplicates("user_idx", keep="last").set_index("user_idx")
-    history = split.history("test")
-    prev = history.sort_values("timestamp", kind="stable").groupby("user_idx")["item_idx"].last()
-    requests = test.assign(prev_item_idx=prev.reindex(test.index).fillna(-1).astype(int))
-    cols = ["timestamp", "device", "location", "query", "prev_item_idx"]
+    test = split.test.drop_duplicates("user_idx", keep="last")
+    requests = oracle_requests(dataset.interactions, test["event_row"].to_numpy())
+    requests.index = test["user_idx"].to_numpy()
 
     def score(users: np.ndarray) -> torch.Tensor:
-        req = requests.loc[users, cols].reset_index()
-        return torch.from_numpy(oracle.score(req))
+        return torch.from_numpy(oracle.score(requests.loc[users].reset_index(drop=True)))
 
     return evaluate(score, split, "test", cfg.eval, name="oracle", progress=False)
 

@@ -1,0 +1,1 @@
+"""kgrank.data stage."""

@@ -66,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the configured pipeline end to end")
     _add_run_args(run)
 
+    train = sub.add_parser("train", help="train one stage of the pipeline")
+    tsub = train.add_subparsers(dest="stage", required=True)
+    tgraph = tsub.add_parser("graph", help="build the graph and train the configured GNNs")
+    _add_run_args(tgraph)
+
+    graph = sub.add_parser("graph", help="inspect the knowledge graph of a dataset")
+    gsub = graph.add_subparsers(dest="graph_command", required=True)
+    gstats = gsub.add_parser("stats", help="node/edge counts, degrees, components")
+    gstats.add_argument("dataset", type=Path)
+    gstats.add_argument("--split", default="leave_last_out",
+                        choices=["leave_last_out", "time_cut", "random", "predefined"],
+                        help="the graph uses the training part of this split")
+    gstats.add_argument("--export", type=Path, help="write nodes/edges Parquet (+ GraphML) here")
+
     cfg = sub.add_parser("config", help="show a resolved config or describe every field")
     csub = cfg.add_subparsers(dest="config_command", required=True)
     show = csub.add_parser("show", help="print the resolved config as YAML")
@@ -159,6 +173,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from kgrank.eval.report import metrics_table
+    from kgrank.pipeline import report_keys, run
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.graph.models:
+        raise ConfigError(f"{args.config}: graph.models is empty, nothing to train")
+    result = run(cfg, progress=not args.quiet, stages=("graph",))
+    print(metrics_table(result.results, report_keys(cfg)))
+    print(f"\nrun directory: {result.run_dir} ({result.seconds:.1f} s)")
+    return 0
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    from kgrank.config import GraphBuildConfig, SplitConfig
+    from kgrank.data.dataset import load_dataset
+    from kgrank.data.split import make_split
+    from kgrank.graph.build import build_graph
+    from kgrank.graph.stats import export_graph, format_stats, graph_stats
+
+    dataset = load_dataset(args.dataset)
+    split = make_split(dataset, SplitConfig(method=args.split))
+    kg = build_graph(dataset, split, GraphBuildConfig())
+    print(format_stats(graph_stats(kg)))
+    if args.export:
+        export_graph(kg, args.export, item_names=list(dataset.items["item_id"]),
+                     user_names=list(dataset.users["user_id"]))
+        print(f"exported to {args.export}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.config_command == "describe":
         print("\n".join(describe_config()))
@@ -176,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     handlers = {"data": _cmd_data, "evaluate": _cmd_evaluate, "run": _cmd_run,
-                "config": _cmd_config}
+                "train": _cmd_train, "graph": _cmd_graph, "config": _cmd_config}
     try:
         return handlers[args.command](args)
     except (DatasetError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:

@@ -114,6 +114,75 @@ class BaselinesConfig(_Strict):
     )
 
 
+class GraphBuildConfig(_Strict):
+    event_weights: dict[str, float] = Field(
+        default_factory=lambda: {"view": 0.25, "click": 1.0, "cart": 1.5, "purchase": 2.0,
+                                 "rating": 1.0},
+        description="Weight of a user-item edge per event type (before recency decay).",
+    )
+    recency_half_life_days: float = Field(
+        0.0, ge=0.0, description="Half-life of interaction edge weights in days (0: no decay)."
+    )
+    categories: bool = Field(True, description="Add item-in-category and category-parent edges.")
+    brands: bool = Field(True, description="Add item-brand edges.")
+    price_bands: int = Field(5, ge=0, description="Quantile price bands as attribute nodes (0: off).")
+    attributes: list[str] | None = Field(
+        None, description="Item columns whose values become attribute nodes (None: auto-detect "
+        "low-cardinality string columns).",
+    )
+    triples: bool = Field(True, description="Add the dataset's knowledge triples.")
+    bought_next: bool = Field(
+        True, description="Directed item->item edges between consecutive distinct timestamps."
+    )
+    bought_together: bool = Field(
+        True, description="Undirected item-item edges within one session or one timestamp."
+    )
+    min_pair_count: int = Field(1, ge=1, description="Minimum co-occurrences for an item-item edge.")
+    max_item_neighbors: int = Field(
+        20, ge=0, description="Keep at most this many item-item edges per item and relation "
+        "(strongest first; 0: all).",
+    )
+
+
+class GraphTrainConfig(_Strict):
+    dim: int = Field(64, gt=0, description="Embedding dimension.")
+    layers: int = Field(3, ge=0, description="Propagation layers.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    batch_size: int = Field(2048, gt=0, description="BPR triples per step.")
+    reg: float = Field(1e-4, ge=0, description="L2 weight on the batch's ego embeddings.")
+    epochs: int = Field(100, ge=1, description="Maximum epochs.")
+    eval_every: int = Field(1, ge=1, description="Validate every this many epochs.")
+    patience: int = Field(5, ge=1, description="Stop after this many validations without gain.")
+    eval_metric: str = Field("ndcg@20", description="Validation metric for early stopping.")
+    seed: int = Field(0, description="Seed of initialisation and sampling.")
+    device: str = Field("cpu", description="torch device (cpu, cuda, cuda:1, ...).")
+    weighted: bool = Field(
+        False, description="Use event/recency weights of user-item edges in the adjacency."
+    )
+    attention: bool = Field(
+        True, description="KG model only: relation-aware attention over neighbours."
+    )
+    kg_weight: float = Field(
+        1.0, ge=0, description="KG model only: weight of knowledge edges relative to "
+        "interactions in propagation.",
+    )
+
+
+class GraphConfig(_Strict):
+    models: list[Literal["lightgcn", "kg"]] = Field(
+        default_factory=list, description="Graph models to train (empty: no graph stage)."
+    )
+    build: GraphBuildConfig = Field(
+        default_factory=GraphBuildConfig, description="Graph construction."
+    )
+    lightgcn: GraphTrainConfig = Field(
+        default_factory=GraphTrainConfig, description="LightGCN training."
+    )
+    kg: GraphTrainConfig = Field(
+        default_factory=GraphTrainConfig, description="Relation-aware KG model training."
+    )
+
+
 class RunConfig(_Strict):
     name: str = Field(description="Run name; outputs go to <output_dir>/<name>/.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
@@ -123,6 +192,7 @@ class RunConfig(_Strict):
     baselines: BaselinesConfig = Field(
         default_factory=BaselinesConfig, description="Baseline models."
     )
+    graph: GraphConfig = Field(default_factory=GraphConfig, description="Graph stage.")
 
     @model_validator(mode="after")
     def _main_metric_known(self) -> RunConfig:
@@ -205,9 +275,9 @@ def describe_config(model: type[BaseModel] = RunConfig, prefix: str = "") -> lis
         key = f"{prefix}{name}"
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines.append(f"{key}: {field.description}")
+            lines.append(f"{key}  # {field.description}")
             lines.extend(describe_config(ann, key + "."))
             continue
         default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        lines.append(f"{key} = {default}: {field.description}")
+        lines.append(f"{key} = {default}  # {field.description}")
     return lines

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +35,7 @@ from kgrank.eval.report import (
     plot_ndcg_curves,
     write_metrics_json,
 )
+from kgrank.io import staged_dir
 
 log = logging.getLogger("kgrank")
 
@@ -96,13 +94,8 @@ def oracle_result(dataset: Dataset, split: Split, cfg: RunConfig) -> EvalResult 
     return evaluate(score, split, "test", cfg.eval, name="oracle", progress=False)
 
 
-def run(cfg: RunConfig, progress: bool = True) -> RunResult:
-    """Run the configured pipeline end to end and write the run directory."""
-    start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    dataset = prepare_data(cfg)
-    split = make_split(dataset, cfg.data.split)
-    log.info("split %s: %s", cfg.data.split.method, split.stats)
+def run_baselines(cfg: RunConfig, split: Split, progress: bool) -> list[Tuned]:
+    """Tune each configured baseline on validation and evaluate it on test."""
     searches = baseline_searches(cfg)
     tuned: list[Tuned] = []
     for name in cfg.baselines.models:
@@ -118,49 +111,56 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
                  result.valid.metrics[cfg.eval.main_metric], result.params,
                  time.perf_counter() - t0)
         tuned.append(result)
-    results = [t.test for t in tuned]
-    oracle = oracle_result(dataset, split, cfg)
-    if oracle is not None:
-        results.append(oracle)
-    seconds = time.perf_counter() - start
-    run_dir = write_run(cfg, dataset, split, tuned, results, seconds)
-    return RunResult(run_dir, dataset, split, tuned, results, seconds)
+    return tuned
 
 
-def write_run(
+def run(cfg: RunConfig, progress: bool = True, stages: tuple[str, ...] = ("baselines", "graph"),
+        ) -> RunResult:
+    """Run the configured pipeline end to end and write the run directory atomically.
+
+    Stage outputs (embeddings, checkpoints) are written into a temporary sibling of the run
+    directory, which replaces ``runs/<name>`` only when every stage and the report succeeded.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    dataset = prepare_data(cfg)
+    split = make_split(dataset, cfg.data.split)
+    log.info("split %s: %s", cfg.data.split.method, split.stats)
+    with staged_dir(cfg.run_dir) as tmp:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        tuned = run_baselines(cfg, split, progress) if "baselines" in stages else []
+        results = [t.test for t in tuned]
+        if "graph" in stages and cfg.graph.models:
+            from kgrank.graph.stage import run_graph_stage
+
+            results += run_graph_stage(dataset, split, cfg, tmp / "graph", progress)
+        oracle = oracle_result(dataset, split, cfg)
+        if oracle is not None:
+            results.append(oracle)
+        seconds = time.perf_counter() - start
+        write_report(tmp, cfg, dataset, split, tuned, results, seconds)
+    return RunResult(cfg.run_dir, dataset, split, tuned, results, seconds)
+
+
+def write_report(
+    out: Path,
     cfg: RunConfig,
     dataset: Dataset,
     split: Split,
     tuned: list[Tuned],
     results: list[EvalResult],
     seconds: float,
-) -> Path:
-    """Write the run directory atomically (temp sibling + rename)."""
-    run_dir = cfg.run_dir
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.tmp-", dir=run_dir.parent))
-    try:
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        write_metrics_json(tmp / "metrics.json", results)
-        trials = {t.name: {"best": t.params, "valid": t.valid.flat(),
-                           "trials": [{"params": p, cfg.eval.main_metric: v} for p, v in t.trials]}
-                  for t in tuned}
-        (tmp / "tuning.json").write_text(json.dumps(trials, indent=2, default=str) + "\n")
-        ks = sorted(set(cfg.eval.ks))
-        plot_ndcg_curves(tmp / "plots" / "ndcg_at_k.png", results, ks)
-        plot_bars(tmp / "plots" / "main_metric.png", results, cfg.eval.main_metric)
-        (tmp / "report.md").write_text(render_report(cfg, dataset, split, tuned, results, seconds))
-        if run_dir.exists():
-            old = run_dir.with_name(f".{run_dir.name}.old-{os.getpid()}")
-            os.replace(run_dir, old)
-            os.replace(tmp, run_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return run_dir
+) -> None:
+    """metrics.json, tuning.json, plots and report.md into the (staged) run directory."""
+    write_metrics_json(out / "metrics.json", results)
+    trials = {t.name: {"best": t.params, "valid": t.valid.flat(),
+                       "trials": [{"params": p, cfg.eval.main_metric: v} for p, v in t.trials]}
+              for t in tuned}
+    (out / "tuning.json").write_text(json.dumps(trials, indent=2, default=str) + "\n")
+    ks = sorted(set(cfg.eval.ks))
+    plot_ndcg_curves(out / "plots" / "ndcg_at_k.png", results, ks)
+    plot_bars(out / "plots" / "main_metric.png", results, cfg.eval.main_metric)
+    (out / "report.md").write_text(render_report(cfg, dataset, split, tuned, results, seconds))
 
 
 def report_keys(cfg: RunConfig) -> list[str]:

@@ -9,9 +9,7 @@ it and only then renamed into place, so a failed import leaves nothing half-writ
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from kgrank.data.schema import (
     check_unique,
     read_table,
 )
+from kgrank.io import staged_dir
 
 
 @dataclass
@@ -174,18 +173,6 @@ def load_dataset(root: str | Path) -> Dataset:
     return Dataset(root, items, users, inter, triples, h.hexdigest()[:16])
 
 
-def _atomic_replace_dir(tmp: Path, dst: Path, overwrite: bool) -> None:
-    if dst.exists():
-        if not overwrite:
-            raise FileExistsError(f"{dst} exists (pass overwrite=True / --overwrite to replace it)")
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dst)
-
-
 def write_dataset(
     dst: str | Path,
     items: pd.DataFrame,
@@ -201,12 +188,7 @@ def write_dataset(
     The dataset is assembled in a temporary sibling directory, validated by :func:`load_dataset`,
     then moved into place; on any error nothing is left at ``dst``.
     """
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists (pass overwrite=True / --overwrite to replace it)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with staged_dir(Path(dst), overwrite=overwrite) as tmp:
         items.to_parquet(tmp / ITEMS.file, index=False)
         interactions.to_parquet(tmp / INTERACTIONS.file, index=False)
         if users is not None:
@@ -223,8 +205,4 @@ def write_dataset(
         if readme is not None:
             (tmp / "README.md").write_text(readme)
         load_dataset(tmp)  # validate before publishing
-        _atomic_replace_dir(tmp, dst, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_dataset(dst)

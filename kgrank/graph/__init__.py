@@ -1,0 +1,1 @@
+"""Graph stage: the user-item-category-brand knowledge graph and GNN embeddings."""

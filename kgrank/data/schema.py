@@ -177,6 +177,21 @@ def _first_bad_utf8(col: pa.ChunkedArray) -> int | None:
     return None
 
 
+def read_parquet_file(path: Path) -> pa.Table:
+    """Read a Parquet file; an empty or unreadable file or a repeated column name is an error."""
+    if path.stat().st_size == 0:
+        raise DatasetError(path, "empty file (0 bytes), expected a Parquet table")
+    try:
+        pa_table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DatasetError(path, f"not a readable Parquet file ({exc})") from None
+    names = pa_table.column_names
+    for name in names:
+        if names.count(name) > 1:
+            raise DatasetError(path, "duplicate column name", column=name)
+    return pa_table
+
+
 def read_table(path: Path, table: Table, allow_empty: bool = False) -> pd.DataFrame:
     """Read one Parquet table and check its columns' presence, types and null rules.
 
@@ -186,17 +201,10 @@ def read_table(path: Path, table: Table, allow_empty: bool = False) -> pd.DataFr
     """
     if not path.exists():
         raise DatasetError(path, f"missing (a dataset needs {table.file})")
-    if path.stat().st_size == 0:
-        raise DatasetError(path, "empty file (0 bytes), expected a Parquet table")
-    try:
-        pa_table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DatasetError(path, f"not a readable Parquet file ({exc})") from None
+    pa_table = read_parquet_file(path)
     if pa_table.num_rows == 0 and not allow_empty:
         raise DatasetError(path, "table has no rows")
     names = pa_table.column_names
-    for dup in {n for n in names if names.count(n) > 1}:
-        raise DatasetError(path, "duplicate column name", column=dup)
     for col in table.columns:
         if col.name not in names:
             if col.required:

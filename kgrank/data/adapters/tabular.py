@@ -32,8 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from kgrank.data.dataset import Dataset, write_dataset
 from kgrank.data.schema import (
@@ -45,6 +43,7 @@ from kgrank.data.schema import (
     USERS,
     DatasetError,
     Table,
+    read_parquet_file,
 )
 
 TABLES: dict[str, Table] = {"interactions": INTERACTIONS, "items": ITEMS, "users": USERS}
@@ -148,17 +147,7 @@ def read_csv(path: Path, delimiter: str = ",") -> pd.DataFrame:
 
 
 def read_parquet(path: Path) -> pd.DataFrame:
-    if path.stat().st_size == 0:
-        raise DatasetError(path, "empty file (0 bytes), expected a Parquet table")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DatasetError(path, f"not a readable Parquet file ({exc})") from None
-    names = table.column_names
-    for name in names:
-        if names.count(name) > 1:
-            raise DatasetError(path, "duplicate column name", column=name)
-    return table.to_pandas()
+    return read_parquet_file(path).to_pandas()
 
 
 def read_source(path: Path) -> tuple[pd.DataFrame, bool]:

@@ -122,9 +122,10 @@ class KGGraph:
 
     Knowledge neighbours are grouped by (head, relation): ``nbr`` has one row per distinct
     (head, relation) pair ("group") and one column per node (the tails); ``group_sum`` is the
-    one-hot ``[n_nodes, n_groups]`` matrix that adds each group into its head. ``group_rel_select`` is the one-hot ``[n_groups, 2R]``
-    matrix that gathers each group's relation embedding (``_t``: its transpose, for the backward
-    pass: a CSR product reduces those gradients far faster than ``index_add_`` into a few rows).
+    one-hot ``[n_nodes, n_groups]`` matrix that adds each group into its head;
+    ``group_rel_select`` is the one-hot ``[n_groups, 2R]`` matrix that gathers each group's
+    relation embedding (``_t``: transposes, for the backward pass: a CSR product reduces those
+    gradients far faster than ``index_add_`` into a few rows).
     Relations ``0..R-1`` are the forward ones, ``R..2R-1`` their inverses. Per group:
     ``group_node`` (node id of the head), ``group_rel``, ``group_item`` (head is an item); per
     neighbour entry: ``uniform`` (``1 / |N_r(h)|``), ``entry_head`` / ``entry_tail`` (KG node

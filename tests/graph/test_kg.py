@@ -162,6 +162,19 @@ def test_kg_weight_zero_is_lightgcn_on_users_and_items(tmp_path: Path) -> None:
     torch.testing.assert_close(i1, i2)
 
 
+def test_graph_without_triples_is_lightgcn() -> None:
+    kg = KnowledgeGraph(3, 4, np.array([0, 1, 2]), np.array([0, 2, 3]), np.ones(3, np.float32))
+    torch.manual_seed(0)
+    model = KGModel(3, 4, 0, 0, dim=4)
+    lgcn = LightGCN(3, 4, dim=4)
+    with torch.no_grad():
+        lgcn.user_emb.copy_(model.user_emb)
+        lgcn.item_emb.copy_(model.node_emb)
+    g = model.graph(kg)
+    torch.testing.assert_close(model.propagate(g), lgcn.propagate(lgcn.graph(kg)))
+    assert model.attention_weights(g).shape == (0,)
+
+
 def test_sparse_pattern_products() -> None:
     p = SparsePattern(torch.tensor([0, 0, 1, 2, 2]), torch.tensor([1, 3, 0, 2, 3]), (3, 4))
     gen = torch.Generator().manual_seed(0)

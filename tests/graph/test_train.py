@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from kgrank.config import EvalConfig, GraphTrainConfig, SplitConfig
 from kgrank.data.split import Split, make_split
-from kgrank.eval.protocol import evaluate
+from kgrank.eval.protocol import Scorer, evaluate
 from kgrank.graph.graph import KnowledgeGraph
 from kgrank.graph.sampling import BPRSampler
 from kgrank.graph.train import (
@@ -190,9 +190,9 @@ def test_no_validation_part_trains_all_epochs(ring: Split, tmp_path: Path) -> No
     no_valid = Split(ring.dataset, ring.method, ring.train, ring.valid.iloc[:0], ring.test)
     seen: list[int] = []
 
-    def on_epoch(epoch: int, score: object) -> dict[str, float]:
+    def on_epoch(epoch: int, score: Scorer) -> dict[str, float]:
         seen.append(epoch)
-        res = evaluate(score, no_valid, "test", EVAL, progress=False)  # type: ignore[arg-type]
+        res = evaluate(score, no_valid, "test", EVAL, progress=False)
         return {"test_ndcg@10": res.metrics["ndcg@10"]}
 
     cfg = GraphTrainConfig(dim=8, layers=1, epochs=3, patience=1, eval_metric="ndcg@10")
@@ -200,3 +200,14 @@ def test_no_validation_part_trains_all_epochs(ring: Split, tmp_path: Path) -> No
                             on_epoch=on_epoch)
     assert seen == [1, 2, 3] and res.best_epoch == 3 and res.best_valid is None
     assert all("test_ndcg@10" in r.extra and r.valid is None for r in res.history)
+
+
+def test_initial_state_replaces_the_seeded_init(ring: Split) -> None:
+    kg = train_graph(ring)
+    cfg = GraphTrainConfig(dim=8, layers=1, epochs=1, lr=1e-12, eval_metric="ndcg@10")
+    init = {"user_emb": torch.full((ring.n_users, 8), 0.5),
+            "item_emb": torch.linspace(-1, 1, ring.n_items * 8).reshape(ring.n_items, 8)}
+    res = train_graph_model("lightgcn", kg, ring, cfg, EVAL, None, progress=False,
+                            initial_state=init)
+    torch.testing.assert_close(res.model.state_dict()["item_emb"], init["item_emb"], atol=1e-6,
+                               rtol=0)

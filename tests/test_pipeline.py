@@ -39,6 +39,10 @@ def test_run_writes_a_complete_run_directory(tiny_run: Path) -> None:
         emb = load_file(str(tiny_run / "graph" / name / "embeddings.safetensors"))
         assert emb["item"].shape[0] == 200 and emb["user"].shape[0] == 300
         assert len(json.loads((tiny_run / "graph" / name / "item_ids.json").read_text())) == 200
+    entities = json.loads((tiny_run / "graph" / "entity_ids.json").read_text())
+    kg_emb = load_file(str(tiny_run / "graph" / "kg" / "embeddings.safetensors"))
+    assert len(entities) == kg_emb["entity"].shape[0] > 0
+    assert {"category", "brand"} <= {e["type"] for e in entities}
     assert "| lightgcn |" in (tiny_run / "report.md").read_text()
     assert (tiny_run / "plots" / "ndcg_at_k.png").stat().st_size > 1000
     assert not [p for p in tiny_run.parent.iterdir() if p.name.startswith(".")]

@@ -27,6 +27,10 @@ def run_graph_stage(
     summary = graph_summary(kg)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "graph_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    # Row e of the KG model's `entity` embeddings is entity e here (its name and node type).
+    entities = [{"name": name, "type": kg.entity_type_names[int(t)]}
+                for name, t in zip(kg.entity_names, kg.entity_types, strict=True)]
+    (out_dir / "entity_ids.json").write_text(json.dumps(entities) + "\n")
     log.info("graph built in %.1fs: %s", time.perf_counter() - t0, summary)
     results = []
     for name in cfg.graph.models:

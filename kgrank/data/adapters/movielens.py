@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from kgrank.data.dataset import Dataset, write_dataset
-from kgrank.data.schema import DatasetError
+from kgrank.data.schema import DatasetError, check_unique
 
 DATA_FIELDS = ("user_id", "item_id", "rating", "timestamp")
 USER_FIELDS = ("user_id", "age", "gender", "occupation", "zip_code")
@@ -110,11 +110,7 @@ def read_items(path: Path, genres: list[str]) -> pd.DataFrame:
         "year": np.array(years, dtype=np.float64),
         "imdb_url": pd.Series(urls, dtype=object),
     })
-    dup = items["item_id"].duplicated().to_numpy()
-    if dup.any():
-        row = int(np.flatnonzero(dup)[0])
-        raise DatasetError(path, f"duplicate movie id {items['item_id'].iat[row]}", row=row,
-                           column="item_id")
+    check_unique(items, "item_id", path)
     return items
 
 
@@ -134,11 +130,7 @@ def read_users(path: Path) -> pd.DataFrame:
         "occupation": pd.Series(occupations, dtype=object),
         "region": pd.Series(zips, dtype=object),
     })
-    dup = users["user_id"].duplicated().to_numpy()
-    if dup.any():
-        row = int(np.flatnonzero(dup)[0])
-        raise DatasetError(path, f"duplicate user id {users['user_id'].iat[row]}", row=row,
-                           column="user_id")
+    check_unique(users, "user_id", path)
     return users
 
 

@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     tgraph = tsub.add_parser("graph", help="build the graph and train the configured GNNs")
     _add_run_args(tgraph)
 
+    encode = sub.add_parser("encode", help="encode item texts/images (encoders.modalities), "
+                            "evaluate text-only / image-only recommenders")
+    _add_run_args(encode)
+
     graph = sub.add_parser("graph", help="inspect the knowledge graph of a dataset")
     gsub = graph.add_subparsers(dest="graph_command", required=True)
     gstats = gsub.add_parser("stats", help="node/edge counts, degrees, components")
@@ -177,6 +181,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from kgrank.data.split import make_split
+    from kgrank.encoders.stage import run_encoder_stage, summary_line
+    from kgrank.eval.report import metrics_table
+    from kgrank.io import staged_dir
+    from kgrank.pipeline import prepare_data, report_keys
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.encoders.modalities:
+        raise ConfigError(f"{args.config}: encoders.modalities is empty, nothing to encode "
+                          "(e.g. encoders.modalities=[text,image])")
+    dataset = prepare_data(cfg)
+    split = make_split(dataset, cfg.data.split)
+    out_dir = cfg.run_dir / "encoders"
+    existed = cfg.run_dir.exists()
+    try:
+        with staged_dir(out_dir) as tmp:  # replaces only runs/<name>/encoders, when complete
+            out = run_encoder_stage(dataset, split, cfg, tmp, progress=not args.quiet)
+    except BaseException:
+        if not existed and cfg.run_dir.is_dir() and not any(cfg.run_dir.iterdir()):
+            cfg.run_dir.rmdir()  # leave no empty run directory behind
+        raise
+    for modality, emb in (("text", out.text), ("image", out.image)):
+        if emb is not None:
+            print(f"{modality}: {summary_line(emb)}")
+    if out.results:
+        print()
+        print(metrics_table(out.results, report_keys(cfg)))
+    print(f"\nencoders directory: {out_dir}")
+    return 0
+
+
 def _cmd_graph(args: argparse.Namespace) -> int:
     from kgrank.config import GraphBuildConfig, SplitConfig
     from kgrank.data.dataset import load_dataset
@@ -212,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     handlers = {"data": _cmd_data, "evaluate": _cmd_evaluate, "run": _cmd_run,
-                "train": _cmd_train, "graph": _cmd_graph, "config": _cmd_config}
+                "train": _cmd_train, "encode": _cmd_encode, "graph": _cmd_graph,
+                "config": _cmd_config}
     try:
         return handlers[args.command](args)
     except (DatasetError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:

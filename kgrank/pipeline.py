@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from kgrank.eval.protocol import EvalResult, Tuned, evaluate, tune_and_test
 from kgrank.eval.report import (
     metrics_table,
     plot_bars,
+    plot_family_importance,
     plot_ndcg_curves,
     write_metrics_json,
 )
@@ -114,32 +115,117 @@ def run_baselines(cfg: RunConfig, split: Split, progress: bool) -> list[Tuned]:
     return tuned
 
 
-def run(cfg: RunConfig, progress: bool = True, stages: tuple[str, ...] = ("baselines", "graph"),
+STAGES = ("baselines", "graph", "encoders", "fusion", "ranking")
+
+
+def enabled_stages(cfg: RunConfig) -> tuple[str, ...]:
+    """The stages a config turns on (baselines always run: they are the reference)."""
+    on = {"baselines": True, "graph": bool(cfg.graph.models),
+          "encoders": bool(cfg.encoders.modalities), "fusion": cfg.fusion.enabled,
+          "ranking": cfg.ranking.enabled}
+    return tuple(s for s in STAGES if on[s])
+
+
+@dataclass
+class StageArtifacts:
+    """What earlier stages hand to later ones within one run."""
+
+    tuned: list[Tuned] = field(default_factory=list)
+    graph: dict[str, Any] = field(default_factory=dict)
+    encoders: Any | None = None
+    fusion: Any | None = None
+    fusion_without: dict[str, Any] = field(default_factory=dict)
+    ranking: Any | None = None
+
+
+def _ranking_baselines(cfg: RunConfig, tuned: list[Tuned]) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Factories and tuned parameters of the baselines the ranker refits per part."""
+    searches = baseline_searches(cfg)
+    best = {t.name: t.params for t in tuned}
+    out = {}
+    for name in ("popularity", "itemknn", "transition"):
+        make, space = searches[name]
+        params = best.get(name, {k: v[0] for k, v in space.items()})
+        if name == "transition" and "itemknn" in best and name not in best:
+            knn = best["itemknn"]
+            params.update(knn_neighbors=knn["neighbors"], knn_shrink=knn["shrink"],
+                          knn_half_life=knn["half_life"])
+        out[name] = (make, params)
+    return out
+
+
+def run(cfg: RunConfig, progress: bool = True, stages: tuple[str, ...] | None = None,
         ) -> RunResult:
     """Run the configured pipeline end to end and write the run directory atomically.
 
-    Stage outputs (embeddings, checkpoints) are written into a temporary sibling of the run
-    directory, which replaces ``runs/<name>`` only when every stage and the report succeeded.
+    ``stages`` (default: those the config enables, see :func:`enabled_stages`) picks a subset.
+    Stage outputs (embeddings, checkpoints, models) are written into a temporary sibling of the
+    run directory, which replaces ``runs/<name>`` only when every stage and the report succeeded.
     """
     start = time.perf_counter()
+    stages = enabled_stages(cfg) if stages is None else stages
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; stages are {STAGES}")
     torch.manual_seed(cfg.seed)
     dataset = prepare_data(cfg)
     split = make_split(dataset, cfg.data.split)
     log.info("split %s: %s", cfg.data.split.method, split.stats)
+    art = StageArtifacts()
     with staged_dir(cfg.run_dir) as tmp:
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        tuned = run_baselines(cfg, split, progress) if "baselines" in stages else []
-        results = [t.test for t in tuned]
+        art.tuned = run_baselines(cfg, split, progress) if "baselines" in stages else []
+        results = [t.test for t in art.tuned]
         if "graph" in stages and cfg.graph.models:
             from kgrank.graph.stage import run_graph_stage
 
-            results += run_graph_stage(dataset, split, cfg, tmp / "graph", progress)
+            graph_results, art.graph = run_graph_stage(dataset, split, cfg, tmp / "graph",
+                                                       progress)
+            results += graph_results
+        if "encoders" in stages and cfg.encoders.modalities:
+            from kgrank.encoders.stage import run_encoder_stage
+
+            art.encoders = run_encoder_stage(dataset, split, cfg, tmp / "encoders", progress)
+            results += art.encoders.results
+        if "fusion" in stages:
+            from kgrank.fusion.stage import run_fusion_stage
+
+            ablate = "ranking" in stages and cfg.ranking.ablations
+            fusion_results, art.fusion, art.fusion_without = run_fusion_stage(
+                dataset, split, cfg, art, tmp / "fusion", progress, ablate)
+            results += fusion_results
+        if "ranking" in stages:
+            from kgrank.ranking.stage import RankingInputs, run_ranking_stage
+
+            enc = art.encoders
+            inputs = RankingInputs(
+                baselines=_ranking_baselines(cfg, art.tuned),
+                graph=art.graph,
+                text=None if enc is None or enc.text is None else enc.text.emb,
+                image=None if enc is None or enc.image is None else enc.image.emb,
+                encode_query_text=None if enc is None or enc.text_encoder is None
+                else enc.text_encoder.encode,
+                encode_query_image=None if enc is None else enc.image_text_encoder,
+                item_texts=item_texts(dataset),
+                fusion=art.fusion,
+                fusion_without=art.fusion_without,
+            )
+            art.ranking = run_ranking_stage(dataset, split, cfg, inputs, tmp / "ranking",
+                                            progress)
+            results += art.ranking.results
         oracle = oracle_result(dataset, split, cfg)
         if oracle is not None:
             results.append(oracle)
         seconds = time.perf_counter() - start
-        write_report(tmp, cfg, dataset, split, tuned, results, seconds)
-    return RunResult(cfg.run_dir, dataset, split, tuned, results, seconds)
+        write_report(tmp, cfg, dataset, split, art.tuned, results, seconds, art.ranking)
+    return RunResult(cfg.run_dir, dataset, split, art.tuned, results, seconds)
+
+
+def item_texts(dataset: Dataset) -> list[str]:
+    """The text of every catalog item (title, brand, categories, description)."""
+    from kgrank.encoders.text import item_text
+
+    return item_text(dataset.items)
 
 
 def write_report(
@@ -150,6 +236,7 @@ def write_report(
     tuned: list[Tuned],
     results: list[EvalResult],
     seconds: float,
+    ranking: Any | None = None,
 ) -> None:
     """metrics.json, tuning.json, plots and report.md into the (staged) run directory."""
     write_metrics_json(out / "metrics.json", results)
@@ -160,7 +247,11 @@ def write_report(
     ks = sorted(set(cfg.eval.ks))
     plot_ndcg_curves(out / "plots" / "ndcg_at_k.png", results, ks)
     plot_bars(out / "plots" / "main_metric.png", results, cfg.eval.main_metric)
-    (out / "report.md").write_text(render_report(cfg, dataset, split, tuned, results, seconds))
+    text = render_report(cfg, dataset, split, tuned, results, seconds)
+    if ranking is not None:
+        plot_family_importance(out / "plots" / "feature_families.png", ranking.importance)
+        text += render_ranking(cfg, results, ranking)
+    (out / "report.md").write_text(text)
 
 
 def report_keys(cfg: RunConfig) -> list[str]:
@@ -211,4 +302,51 @@ def render_report(
         f"Run time {seconds:.1f} s.",
         "",
     ]
+    return "\n".join(lines)
+
+
+def render_ranking(cfg: RunConfig, results: list[EvalResult], ranking: Any) -> str:
+    """Report section of the ranking stage: candidate recall, ablations, importance, examples."""
+    main = cfg.eval.main_metric
+    by_name = {r.name: r for r in results}
+    lines = ["", "## Ranking (fusion + LightGBM LambdaRank)", "",
+             f"Trained on {ranking.info['train_requests']:,} validation requests whose target is "
+             f"among the candidates ({ranking.info['train_rows']:,} rows, "
+             f"{ranking.info['features']} features); never on test.", "",
+             "Candidate recall (share of requests whose target is among the candidates; the "
+             "ranker cannot do better):", "", "| source | valid | test |", "|---|---|---|"]
+    rec = ranking.candidate_recall
+    for key in rec["test"]:
+        lines.append(f"| {key} | {rec['valid'].get(key, float('nan')):.4f} | "
+                     f"{rec['test'][key]:.4f} |")
+    full = by_name.get("fusion+ltr")
+    ablations = [r for r in results if r.name.startswith("fusion+ltr -")]
+    if full is not None and ablations:
+        lo, hi = full.ci[main]
+        lines += ["", "Leave-one-modality-out ablations (the ranker retrained without one "
+                  "feature family, and the fusion score replaced by a fusion model trained "
+                  "without that modality):", "",
+                  f"| model | {main} | change | beyond the full model's CI |", "|---|---|---|---|"]
+        lines.append(f"| fusion+ltr | {full.metrics[main]:.4f} [{lo:.4f}, {hi:.4f}] | | |")
+        for r in ablations:
+            delta = r.metrics[main] - full.metrics[main]
+            beyond = r.ci[main][1] < lo
+            lines.append(f"| {r.name} | {r.metrics[main]:.4f} [{r.ci[main][0]:.4f}, "
+                         f"{r.ci[main][1]:.4f}] | {delta:+.4f} | {'yes' if beyond else 'no'} |")
+    lines += ["", "Feature-family importance (share of total gain):", "",
+              "| family | gain share |", "|---|---|"]
+    for fam, share in sorted(ranking.importance.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {fam} | {share:.3f} |")
+    lines += ["", "![feature families](plots/feature_families.png)", ""]
+    if ranking.explanations:
+        ex = ranking.explanations[0]
+        lines += [f"Example explanation (user {ex['user']}, query {ex['query']!r}, device "
+                  f"{ex['device']!r}, location {ex['location']!r}); per-family contributions "
+                  "to the LightGBM score (they sum to the score):", "",
+                  "| rank | item | score | " + " | ".join(ex["results"][0]["why"]) + " |",
+                  "|---|---|---|" + "---|" * len(ex["results"][0]["why"])]
+        for i, res in enumerate(ex["results"][:5], 1):
+            lines.append(f"| {i} | {res['item']} | {res['score']:.3f} | "
+                         + " | ".join(f"{v:+.3f}" for v in res["why"].values()) + " |")
+        lines.append("")
     return "\n".join(lines)

@@ -288,3 +288,63 @@ def test_evaluate_bad_dataset(tmp_path: Path, capsys: Capsys) -> None:
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "shop"), "--models", "popularity"]) == 2
     assert "items.parquet" in _one_error_line(capsys)
+
+
+# --------------------------------------------------------------------------------------------
+# kgrank encode
+# --------------------------------------------------------------------------------------------
+
+
+def test_encode_tiny_config(tmp_path: Path, capsys: Capsys) -> None:
+    from tests.encoders.test_stage import make_shop, make_tiny_bert, make_tiny_clip
+
+    make_shop(tmp_path / "shop", n_users=80, n_items=40)
+    cfg = _write_config(
+        tmp_path / "cfg.yaml", tmp_path / "shop",
+        data__split__positive_events=["click", "cart", "purchase"],
+        encoders__modalities=["text", "image"],
+        encoders__text__model=str(make_tiny_bert(tmp_path / "bert")),
+        encoders__image__model_name=make_tiny_clip(tmp_path / "clip"),
+        encoders__cache_dir=str(tmp_path / "cache"),
+        encoders__profile_half_life=[1.0],
+    )
+    run_dir = tmp_path / "runs" / "t"
+    run_dir.mkdir(parents=True)
+    (run_dir / "report.md").write_text("from an earlier run")
+    for attempt in range(2):
+        capsys.readouterr()
+        assert main(["-q", "encode", str(cfg)]) == 0
+        out = capsys.readouterr().out
+        text_line = out.splitlines()[0]
+        assert text_line.startswith("text: encoder bert@") and ", dim 16, 40 items: " in text_line
+        assert ("0 encoded, 40 cached" if attempt else "40 encoded, 0 cached") in text_line
+        assert "image: encoder local-dir:" in out and "missing" in out
+        assert "| text-only |" in out and "| image-only |" in out
+    for modality in ("text", "image"):
+        meta = json.loads((run_dir / "encoders" / modality / "meta.json").read_text())
+        assert meta["n_encoded"] == 0 and meta["n_items"] == 40
+        assert (run_dir / "encoders" / modality / "embeddings.safetensors").is_file()
+    # only the encoders folder was replaced, and no temporary directory is left behind
+    assert (run_dir / "report.md").read_text() == "from an earlier run"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["encoders", "report.md"]
+
+
+def test_encode_without_modalities_is_one_error_line(tmp_path: Path, capsys: Capsys) -> None:
+    cfg = _write_config(tmp_path / "cfg.yaml", tmp_path / "data")
+    assert main(["encode", str(cfg)]) == 2
+    line = _one_error_line(capsys)
+    assert "encoders.modalities is empty" in line and str(cfg) in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_encode_unloadable_model_is_one_error_line(tmp_path: Path, capsys: Capsys) -> None:
+    _structured_dataset(tmp_path / "shop")
+    cfg = _write_config(tmp_path / "cfg.yaml", tmp_path / "shop",
+                        encoders__modalities=["text"],
+                        encoders__text__model=str(tmp_path / "no-such-model"),
+                        encoders__cache_dir=str(tmp_path / "cache"))
+    capsys.readouterr()
+    assert main(["-q", "encode", str(cfg)]) == 2
+    line = _one_error_line(capsys)
+    assert "encoders.text: cannot load the encoder" in line and "no-such-model" in line
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -23,6 +23,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"output_dir={out / 'runs'}", "eval.bootstrap=50",
         "graph.lightgcn.epochs=3", "graph.kg.epochs=3", "graph.lightgcn.batch_size=512",
         "graph.kg.batch_size=512", "baselines.models=[popularity,itemknn]",
+        "encoders.modalities=[text]", f"encoders.cache_dir={out / 'cache'}",
+        "fusion.epochs=2", "fusion.batch_size=256", "fusion.negatives=64",
+        "ranking.candidates=30", "ranking.ltr.n_estimators=30", "ranking.ltr.threads=1",
     ])
     result = run(cfg, progress=False)
     assert result.run_dir == out / "runs" / "demo"
@@ -31,7 +34,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_run_writes_a_complete_run_directory(tiny_run: Path) -> None:
     metrics = json.loads((tiny_run / "metrics.json").read_text())
-    assert list(metrics) == ["popularity", "itemknn", "lightgcn", "kg", "oracle"]
+    stages = ["popularity", "itemknn", "lightgcn", "kg", "text-only", "fusion", "fusion+ltr"]
+    assert list(metrics)[: len(stages)] == stages and list(metrics)[-1] == "oracle"
+    ablations = [m for m in metrics if m.startswith("fusion+ltr -")]
+    assert {"fusion+ltr -graph", "fusion+ltr -text", "fusion+ltr -query"} <= set(ablations)
     for values in metrics.values():
         assert 0.0 <= values["ndcg@10"] <= 1.0 and "hr@10" in values and "ndcg@10_ci_low" in values
     assert metrics["oracle"]["ndcg@10"] > metrics["popularity"]["ndcg@10"]
@@ -43,7 +49,11 @@ def test_run_writes_a_complete_run_directory(tiny_run: Path) -> None:
     kg_emb = load_file(str(tiny_run / "graph" / "kg" / "embeddings.safetensors"))
     assert len(entities) == kg_emb["entity"].shape[0] > 0
     assert {"category", "brand"} <= {e["type"] for e in entities}
-    assert "| lightgcn |" in (tiny_run / "report.md").read_text()
+    report = (tiny_run / "report.md").read_text()
+    assert "| lightgcn |" in report and "Candidate recall" in report and "ablations" in report
+    assert (tiny_run / "ranking" / "ltr_model.txt").is_file()
+    assert (tiny_run / "plots" / "feature_families.png").is_file()
+    assert (tiny_run / "encoders" / "text" / "embeddings.safetensors").is_file()
     assert (tiny_run / "plots" / "ndcg_at_k.png").stat().st_size > 1000
     assert not [p for p in tiny_run.parent.iterdir() if p.name.startswith(".")]
 

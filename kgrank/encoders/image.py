@@ -239,7 +239,10 @@ class ImageEncoder:
     """Encodes image files to float32 unit vectors with an open_clip model.
 
     ``model_name`` None builds the offline EfficientNet-Lite0 + MiniLM model; otherwise any
-    open_clip model name with a ``pretrained`` tag or a ``checkpoint`` file path.
+    open_clip model name with a ``pretrained`` tag or a ``checkpoint`` file path. ``aligned`` is
+    a file written by :func:`kgrank.encoders.align.save_aligned` (LiT catalog alignment): its
+    tuned tensors are loaded over the model (after checking they were aligned on the same base
+    weights) and its sha256 becomes part of ``encoder_id``.
     """
 
     def __init__(
@@ -249,6 +252,7 @@ class ImageEncoder:
         checkpoint: str | None = None,
         device: str = "cpu",
         batch_size: int = 32,
+        aligned: str | Path | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -278,6 +282,14 @@ class ImageEncoder:
             self.model, self.preprocess = model, preprocess
             self.tokenizer = open_clip.get_tokenizer(model_name)
             name = f"{model_name}:{weights}" if weights else f"{model_name}:random-init"
+        self.aligned: dict[str, Any] | None = None
+        if aligned is not None:
+            from kgrank.encoders.align import load_aligned
+
+            # tensors land on the model's current (CPU) device; verified against the base weights
+            self.aligned = load_aligned(self.model, aligned)
+            file_digest = hashlib.sha256(Path(aligned).read_bytes()).hexdigest()
+            name = f"{name}+lit-aligned@{file_digest[:12]}"
         self.model.to(device).eval()
         size = getattr(self.model.visual, "image_size", None)
         if isinstance(size, (tuple, list)):
@@ -290,7 +302,8 @@ class ImageEncoder:
 
     @property
     def encoder_id(self) -> str:
-        """Stable cache key: model name + weights (tag/checkpoint or file hash) + image size."""
+        """Stable cache key: model name + weights (tag/checkpoint or file hash) + aligned-weights
+        hash (if any) + image size."""
         return self._encoder_id
 
     @property

@@ -1,10 +1,12 @@
 """On-disk embedding cache keyed by (encoder id, sha256 of the text).
 
 Layout: ``root/<sanitised encoder id>-<hash>/`` holds ``shard_NNNN.npy`` float32 arrays and
-``index.json`` (text hash -> [shard, row]). A new shard is written to a temp file and
-``os.replace``d into place; the index is rewritten the same way, last, so a crash never leaves
-an index that points at a missing shard. Shards are read with ``np.load(mmap_mode="r")``; no
-pickle is ever written or read.
+``index.json`` (key -> [shard, row]). Keys are text hashes for
+:meth:`EmbeddingStore.get_or_encode`; :meth:`EmbeddingStore.lookup` and
+:meth:`EmbeddingStore.add` take any string key (e.g. the sha256 of an image file's bytes). A new
+shard is written to a temp file and ``os.replace``d into place; the index is rewritten the same
+way, last, so a crash never leaves an index that points at a missing shard. Shards are read with
+``np.load(mmap_mode="r")``; no pickle is ever written or read.
 """
 
 from __future__ import annotations
@@ -114,6 +116,49 @@ class EmbeddingStore:
             out[pos_idx] = arr[row_idx]
             del arr
         return out
+
+    def lookup(self, encoder_id: str, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings [len(keys), dim] float32, found [len(keys)] bool) for arbitrary string keys.
+
+        Rows of keys not stored are zero; ``dim`` is 0 when nothing is stored for ``encoder_id``.
+        """
+        index = self.load_index(encoder_id)
+        entries: dict[str, list[int]] = index["entries"]
+        dim = int(index["dim"]) if index["dim"] is not None else 0
+        out = np.zeros((len(keys), dim), dtype=np.float32)
+        found = np.fromiter((k in entries for k in keys), dtype=bool, count=len(keys))
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for pos, key in enumerate(keys):
+            if found[pos]:
+                shard, row = entries[key]
+                by_shard.setdefault(shard, []).append((pos, row))
+        for shard, pairs in by_shard.items():
+            arr = self.open_shard(encoder_id, index["shards"][shard])
+            pos_idx = np.fromiter((p for p, _ in pairs), dtype=np.int64, count=len(pairs))
+            row_idx = np.fromiter((r for _, r in pairs), dtype=np.int64, count=len(pairs))
+            out[pos_idx] = arr[row_idx]
+            del arr
+        return out, found
+
+    def add(self, encoder_id: str, keys: Sequence[str], emb: np.ndarray) -> int:
+        """Store row ``i`` of ``emb`` under ``keys[i]``; returns how many rows were new.
+
+        Keys already stored (or repeated within ``keys``: the first row wins) are skipped; all
+        new rows go into one new shard.
+        """
+        emb = np.asarray(emb, dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[0] != len(keys):
+            raise ValueError(f"emb has shape {emb.shape} for {len(keys)} keys")
+        index = self.load_index(encoder_id)
+        entries: dict[str, list[int]] = index["entries"]
+        new: dict[str, int] = {}
+        for pos, key in enumerate(keys):
+            if key not in entries and key not in new:
+                new[key] = pos
+        if new:
+            rows = emb[list(new.values())]
+            self._append(encoder_id, index, list(new), list(new), lambda _: rows)
+        return len(new)
 
     def _append(
         self,

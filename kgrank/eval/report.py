@@ -97,6 +97,17 @@ def plot_bars(path: Path, results: Sequence[EvalResult], key: str) -> None:
     _save(fig, path)
 
 
+def plot_family_importance(path: Path, importance: dict[str, float]) -> None:
+    """Horizontal bars: each feature family's share of the ranker's total gain."""
+    items = sorted(importance.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(5.5, 0.4 * len(items) + 1.2))
+    ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
+    ax.set_xlabel("share of LightGBM gain")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

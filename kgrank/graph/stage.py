@@ -12,16 +12,19 @@ from kgrank.data.dataset import Dataset
 from kgrank.data.split import Split
 from kgrank.eval.protocol import EvalResult, evaluate
 from kgrank.graph.build import build_graph, graph_summary
-from kgrank.graph.train import save_embeddings, train_graph_model
+from kgrank.graph.train import GraphModelResult, save_embeddings, train_graph_model
 
 log = logging.getLogger("kgrank")
 
 
 def run_graph_stage(
     dataset: Dataset, split: Split, cfg: RunConfig, out_dir: Path, progress: bool = True
-) -> list[EvalResult]:
+) -> tuple[list[EvalResult], dict[str, GraphModelResult]]:
     """Build the training-split graph, train each configured model with early stopping on
-    validation, save its embeddings under ``out_dir/<model>/`` and evaluate it on test."""
+    validation, save its embeddings under ``out_dir/<model>/`` and evaluate it on test.
+
+    Returns the test results and the trained models by name (later stages use their
+    embeddings)."""
     t0 = time.perf_counter()
     kg = build_graph(dataset, split, cfg.graph.build)
     summary = graph_summary(kg)
@@ -33,6 +36,7 @@ def run_graph_stage(
     (out_dir / "entity_ids.json").write_text(json.dumps(entities) + "\n")
     log.info("graph built in %.1fs: %s", time.perf_counter() - t0, summary)
     results = []
+    models: dict[str, GraphModelResult] = {}
     for name in cfg.graph.models:
         train_cfg = cfg.graph.lightgcn if name == "lightgcn" else cfg.graph.kg
         model_dir = out_dir / name
@@ -43,4 +47,5 @@ def run_graph_stage(
         log.info("%s: test %s=%.4f (best epoch %s)", name, cfg.eval.main_metric,
                  test.metrics[cfg.eval.main_metric], result.best_epoch)
         results.append(test)
-    return results
+        models[name] = result
+    return results, models

@@ -83,6 +83,18 @@ class GraphModelResult:
     metric: str
     config: GraphTrainConfig
     model: GraphModel = field(repr=False)
+    valid_user_emb: torch.Tensor | None = field(default=None, repr=False)
+    """[n_users, d]: best weights propagated over the training graph only (validation-time)."""
+    valid_item_emb: torch.Tensor | None = field(default=None, repr=False)
+
+    def embeddings(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user, item) embeddings a model may use when scoring ``part``: the training graph for
+        ``valid``, training + validation interactions for ``test``."""
+        if part == "valid":
+            if self.valid_user_emb is None or self.valid_item_emb is None:
+                raise ValueError(f"{self.name}: no training-graph embeddings were kept")
+            return self.valid_user_emb, self.valid_item_emb
+        return self.user_emb, self.item_emb
 
     @property
     def mean_epoch_seconds(self) -> float:
@@ -265,6 +277,7 @@ def train_graph_model(
             break
     model.load_state_dict({k: v.to(device) for k, v in best_state.items()})
     model.eval()
+    valid_user, valid_item = (t.cpu() for t in propagate(model, g))
     g_test: Any = model.graph(inference_graph(kg, split), cfg.weighted)
     entity: torch.Tensor | None = None
     with torch.no_grad():
@@ -274,7 +287,7 @@ def train_graph_model(
         else:
             user, item = model.propagate(g_test)
     return GraphModelResult(name, user.cpu(), item.cpu(), entity, history, best_epoch, best_value,
-                            cfg.eval_metric, cfg, model)
+                            cfg.eval_metric, cfg, model, valid_user, valid_item)
 
 
 def save_embeddings(

@@ -1,0 +1,384 @@
+"""The ranking step of ``kgrank run``: candidates -> feature table -> LambdaRank -> evaluation.
+
+Protocol (nothing ever looks at test interactions while training):
+
+1. For a part (``valid`` or ``test``), every first-stage model is fitted on that part's history
+   (the split's ``history(part)``: train for valid, train + valid for test); graph models use
+   their propagation over the same history. One request per user with targets in the part (its
+   time, device, location and query come from the target event's row; its item does not).
+2. Candidates: the union of the top-N of each configured source, history masked.
+3. The LightGBM LambdaRank model is trained on the **validation** requests whose target is among
+   the candidates (holding out a share of those requests for early stopping), then ranks the test
+   candidates. Non-candidates rank below every candidate, so the evaluator's full ranking over the
+   catalog is well defined and comparable with every other model in the report.
+4. Leave-one-modality-out ablations retrain the ranker without one feature family; when the
+   pipeline provides a fusion model trained without that modality, its score replaces the full
+   fusion score, otherwise the fusion columns are dropped too. Ablations re-rank the same
+   candidate pool (their candidate sets are not regenerated).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from kgrank.config import RunConfig
+from kgrank.data.dataset import Dataset
+from kgrank.data.split import Part, Split
+from kgrank.eval.protocol import EvalResult, Recommender, evaluate
+from kgrank.features.context import ContextVocab, Demographics
+from kgrank.features.history import request_history
+from kgrank.features.requests import Requests, requests_for_targets
+from kgrank.ranking.candidates import Candidates, full_scores, generate_candidates
+from kgrank.ranking.ltr import LTRModel
+from kgrank.ranking.table import MODALITY_FAMILIES, PartFeatures, TokenIndex
+
+log = logging.getLogger("kgrank")
+
+FULL = "fusion+ltr"
+
+
+@dataclass
+class RankingInputs:
+    """Artifacts of the earlier stages that the ranker builds candidates and features from."""
+
+    baselines: Mapping[str, tuple[Callable[..., Recommender], dict[str, Any]]] = field(
+        default_factory=dict)
+    """name -> (factory, tuned params); refitted on each part's history."""
+    graph: Mapping[str, Any] = field(default_factory=dict)
+    """name -> :class:`kgrank.graph.train.GraphModelResult`."""
+    text: np.ndarray | None = None
+    """Item text embeddings [n_items, d] (zero rows where missing)."""
+    image: np.ndarray | None = None
+    """Item image embeddings [n_items, d] (zero rows where missing)."""
+    encode_query_text: Callable[[Sequence[str | None]], np.ndarray] | None = None
+    encode_query_image: Callable[[Sequence[str | None]], np.ndarray] | None = None
+    item_texts: list[str] | None = None
+    fusion: Any | None = None
+    """A trained fusion model (``item_emb()``, ``user_vectors(requests, history)``)."""
+    fusion_without: Mapping[str, Any] = field(default_factory=dict)
+    """modality family -> fusion model trained without it (for ablations)."""
+
+
+@dataclass
+class RankingOutput:
+    results: list[EvalResult]
+    candidate_recall: dict[str, dict[str, float]]
+    importance: dict[str, float]
+    explanations: list[dict[str, Any]]
+    info: dict[str, Any]
+
+
+@dataclass
+class _PartData:
+    part: Part
+    requests: Requests
+    features: PartFeatures
+    candidates: Candidates
+    row_of_user: pd.Series
+
+
+def _exclude(history: pd.DataFrame, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (offsets, items) of each request user's history items (what the evaluator masks)."""
+    pos = pd.Index(users).get_indexer(history["user_idx"])
+    keep = pos >= 0
+    order = np.argsort(pos[keep], kind="stable")
+    items = history["item_idx"].to_numpy()[keep][order]
+    counts = np.bincount(pos[keep], minlength=len(users))
+    return np.concatenate([[0], np.cumsum(counts)]), items
+
+
+def _encode_queries(fn: Callable[[Sequence[str | None]], np.ndarray], queries: np.ndarray
+                    ) -> np.ndarray:
+    """Embed each distinct query once; rows without a query stay zero."""
+    distinct = sorted({q for q in queries if q is not None})
+    if not distinct:
+        return np.zeros((len(queries), 1), np.float32)
+    emb = np.asarray(fn(distinct), dtype=np.float32)
+    out = np.zeros((len(queries), emb.shape[1]), np.float32)
+    where = {q: i for i, q in enumerate(distinct)}
+    for r, q in enumerate(queries):
+        if q is not None:
+            out[r] = emb[where[q]]
+    return out
+
+
+class RankingStage:
+    """Builds both parts, trains the rankers on validation and evaluates them on test."""
+
+    def __init__(self, dataset: Dataset, split: Split, cfg: RunConfig, inputs: RankingInputs,
+                 progress: bool = True) -> None:
+        self.dataset, self.split, self.cfg, self.inputs = dataset, split, cfg, inputs
+        self.progress = progress
+        self.rc = cfg.ranking
+        self.k = int(cfg.eval.main_metric.partition("@")[2])
+        self.vocab = ContextVocab.fit(split.train)
+        users_table = dataset.users.drop(columns=["user_id"], errors="ignore")
+        self.demographics = (Demographics.from_users(dataset.users)
+                             if len(users_table.columns) else None)
+        if self.demographics is not None and not (self.demographics.numeric_names
+                                                  or self.demographics.categorical_names):
+            self.demographics = None
+        self.tokens = TokenIndex.build(inputs.item_texts) if inputs.item_texts else None
+        self.fusion_item = (None if inputs.fusion is None
+                            else np.asarray(inputs.fusion.item_emb(), np.float32))
+
+    # -- building a part -------------------------------------------------------------------
+
+    def _embeddings(self, part: Part) -> dict[str, tuple[np.ndarray, str]]:
+        emb: dict[str, tuple[np.ndarray, str]] = {}
+        if self.inputs.text is not None:
+            emb["text"] = (np.asarray(self.inputs.text, np.float32), "text")
+        if self.inputs.image is not None:
+            emb["image"] = (np.asarray(self.inputs.image, np.float32), "image")
+        for name, res in self.inputs.graph.items():
+            item = res.embeddings(part)[1].numpy()
+            norms = np.linalg.norm(item, axis=1, keepdims=True)
+            emb[f"graph_{name}"] = (item / np.maximum(norms, 1e-12), "graph")
+        return emb
+
+    def build_part(self, part: Part) -> _PartData:
+        from kgrank.features.behaviour import FEATURE_FAMILIES, BehaviourFeatures
+
+        t0 = time.perf_counter()
+        split, n_items = self.split, self.split.n_items
+        history = split.history(part)
+        requests = requests_for_targets(split.targets(part))
+        query_emb: dict[str, np.ndarray] = {}
+        embeddings = self._embeddings(part)
+        if self.inputs.encode_query_text is not None and "text" in embeddings:
+            query_emb["text"] = _encode_queries(self.inputs.encode_query_text, requests.query)
+        if self.inputs.encode_query_image is not None and "image" in embeddings:
+            query_emb["image"] = _encode_queries(self.inputs.encode_query_image, requests.query)
+        behaviour = BehaviourFeatures.fit(history, self.dataset.items, split.n_users, n_items,
+                                          history_len=self.rc.history_len,
+                                          half_life=self.rc.half_life)
+        feats = PartFeatures(requests, request_history(requests, history), n_items, embeddings,
+                             query_emb, self.tokens, self.vocab, self.demographics, behaviour,
+                             FEATURE_FAMILIES, self.rc.half_life, self.rc.history_len)
+        users = requests.user_idx
+        sources: dict[str, Callable[[np.ndarray], torch.Tensor]] = {}
+        extra: dict[str, Callable[[np.ndarray], torch.Tensor]] = {}
+        wanted = set(self.rc.sources)
+
+        def add(name: str, fn: Callable[[np.ndarray], torch.Tensor], group: str) -> None:
+            (sources if group in wanted else extra)[name] = fn
+
+        def by_user(model: Recommender) -> Callable[[np.ndarray], torch.Tensor]:
+            return lambda rows: model.score(users[rows])
+
+        def dot(user: torch.Tensor, item_t: torch.Tensor) -> Callable[[np.ndarray], torch.Tensor]:
+            return lambda rows: user[torch.from_numpy(np.asarray(rows))] @ item_t
+
+        def profile(name: str) -> Callable[[np.ndarray], torch.Tensor]:
+            return lambda rows: feats.profile_scores(name, rows)
+
+        for name, (make, params) in self.inputs.baselines.items():
+            add(name, by_user(make(**params).fit(history, split.n_users, n_items)), name)
+        for name, res in self.inputs.graph.items():
+            u, i = res.embeddings(part)
+            add(name, dot(u[torch.from_numpy(users.copy())], i.T.contiguous()), "graph")
+        if self.inputs.fusion is not None and self.fusion_item is not None:
+            uvec = np.asarray(self.inputs.fusion.user_vectors(requests, history), np.float32)
+            add("fusion", dot(torch.from_numpy(uvec), torch.from_numpy(self.fusion_item.T.copy())),
+                "fusion")
+        for fam, variant in self.inputs.fusion_without.items():
+            uv = np.asarray(variant.user_vectors(requests, history), np.float32)
+            it = torch.from_numpy(np.asarray(variant.item_emb(), np.float32).T.copy())
+            extra[f"fusion_without_{fam}"] = dot(torch.from_numpy(uv), it)
+        for name in ("text", "image"):
+            if name in embeddings:
+                add(name, profile(name), name)
+        if "text" in query_emb:
+            add("query", feats.query_scores, "query")
+        exclude = _exclude(history, users)
+        cands = generate_candidates(sources, np.arange(len(requests)), exclude, self.rc.candidates,
+                                    batch_size=self.cfg.eval.batch_size, progress=self.progress,
+                                    extra=extra)
+        row_of_user = pd.Series(np.arange(len(users)), index=users)
+        log.info("ranking %s: %d requests, %.1f candidates per request, built in %.1fs", part,
+                 len(requests), float(cands.valid.sum(1).mean()), time.perf_counter() - t0)
+        return _PartData(part, requests, feats, cands, row_of_user)
+
+    # -- feature tables ----------------------------------------------------------------------
+
+    def table(self, data: _PartData, rows: np.ndarray, shuffle_seed: int | None = None
+              ) -> tuple[np.ndarray, list[str], dict[str, str], np.ndarray, np.ndarray]:
+        """Features of the candidates of request ``rows``: (X of the non-padding cells, names,
+        families, the cells' (row, column) positions in ``[len(rows), C]``, their items).
+
+        With ``shuffle_seed`` the candidates of each request are put in a random order first,
+        so that nothing about the row order inside a group (built from source ranks and item
+        ids) can reach the ranker's ties.
+        """
+        cands = data.candidates
+        items = cands.items[rows]
+        perm = np.broadcast_to(np.arange(items.shape[1]), items.shape)
+        if shuffle_seed is not None:
+            rng = np.random.default_rng(shuffle_seed)
+            perm = np.argsort(rng.random(items.shape), axis=1)
+        items = np.take_along_axis(items, perm, 1)
+        ranked = set(cands.ranks)
+        scores = {s: np.take_along_axis(v[rows], perm, 1) for s, v in cands.scores.items()
+                  if s in ranked or not s.startswith("fusion_without_")}
+        ranks = {s: np.take_along_axis(v[rows], perm, 1) for s, v in cands.ranks.items()}
+        variants = {f"score_{s}": (np.take_along_axis(v[rows], perm, 1), "fusion_variant")
+                    for s, v in cands.scores.items() if s.startswith("fusion_without_")}
+        x, names, fam = data.features.build(rows, items, scores, ranks, variants)
+        valid = (items >= 0).reshape(-1)
+        cell_row, cell_col = np.divmod(np.flatnonzero(valid), items.shape[1])
+        # positions in the caller's (unshuffled) candidate order
+        cell_col = perm[cell_row, cell_col]
+        return x[valid], names, fam, np.stack([cell_row, cell_col], 1), items.reshape(-1)[valid]
+
+    @staticmethod
+    def feature_sets(names: list[str], fam: Mapping[str, str]) -> dict[str, list[int]]:
+        """Column indices of the full ranker and of each leave-one-family-out ablation."""
+        base = [j for j, n in enumerate(names) if fam[n] != "fusion_variant"]
+        sets = {FULL: base}
+        present = {fam[n] for n in names}
+        for f in MODALITY_FAMILIES:
+            if f not in present:
+                continue
+            cols = [j for j in base if fam[names[j]] not in (f, "fusion")]
+            variant = f"score_fusion_without_{f}"
+            if variant in names:
+                cols.append(names.index(variant))
+            sets[f"{FULL} -{f}"] = cols
+        return sets
+
+    # -- training and evaluation -------------------------------------------------------------
+
+    def train(self, data: _PartData) -> tuple[dict[str, LTRModel], list[str], dict[str, str],
+                                              dict[str, Any]]:
+        """Train the full ranker and the ablations on the requests of ``data`` (validation)."""
+        target = data.requests.target
+        assert target is not None
+        hit_rows = np.flatnonzero((data.candidates.items == target[:, None]).any(1))
+        chunks_x, chunks_y, groups = [], [], []
+        names: list[str] = []
+        fam: dict[str, str] = {}
+        step = max(1, self.cfg.eval.batch_size // 4)
+        for lo in tqdm(range(0, len(hit_rows), step), desc="ltr table [valid]",
+                       disable=not self.progress, leave=False):
+            rows = hit_rows[lo : lo + step]
+            x, names, fam, cells, items = self.table(data, rows, shuffle_seed=self.cfg.seed + lo)
+            chunks_x.append(x)
+            chunks_y.append((items == target[rows][cells[:, 0]]).astype(np.float32))
+            groups.append(np.bincount(cells[:, 0], minlength=len(rows)))
+        x_all = np.concatenate(chunks_x)
+        y_all = np.concatenate(chunks_y)
+        group = np.concatenate(groups)
+        info = {"train_requests": int(len(hit_rows)), "valid_requests": len(data.requests),
+                "train_rows": int(len(x_all)), "features": len(names)}
+        log.info("ltr training table: %s", info)
+        models: dict[str, LTRModel] = {}
+        for key, cols in self.feature_sets(names, fam).items():
+            t0 = time.perf_counter()
+            sub = [names[j] for j in cols]
+            model = LTRModel().fit(x_all[:, cols], y_all, group, sub, {n: fam[n] for n in sub},
+                                   self.rc.ltr, self.k, progress=self.progress)
+            models[key] = model
+            log.info("ltr %s: %d features, trained in %.1fs", key, len(cols),
+                     time.perf_counter() - t0)
+            if not self.rc.ablations:
+                break
+        return models, names, fam, info
+
+    def predict(self, data: _PartData, models: Mapping[str, LTRModel], names: list[str],
+                fam: Mapping[str, str], n_explain: int = 50
+                ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+        """Scores [R, C] of every model on ``data``'s candidates (-inf on padding) and the full
+        model's per-family explanations of the top results of the first ``n_explain`` requests."""
+        n_req, width = data.candidates.items.shape
+        out = {key: np.full((n_req, width), -np.inf, np.float32) for key in models}
+        sets = self.feature_sets(names, fam)
+        explanations: list[dict[str, Any]] = []
+        step = max(1, self.cfg.eval.batch_size // 4)
+        item_ids = self.dataset.items["item_id"].to_numpy()
+        for lo in tqdm(range(0, n_req, step), desc=f"ltr predict [{data.part}]",
+                       disable=not self.progress, leave=False):
+            rows = np.arange(lo, min(lo + step, n_req))
+            x, cur, _, cells, items = self.table(data, rows)
+            if cur != names:
+                raise RuntimeError("feature columns differ between training and prediction")
+            for key, model in models.items():
+                pred = model.predict(x[:, sets[key]]).astype(np.float32)
+                out[key][rows[cells[:, 0]], cells[:, 1]] = pred
+            if lo < n_explain:
+                full = models[FULL]
+                contrib, fams = full.explain(x[:, sets[FULL]])
+                pred = out[FULL][rows]
+                for r in range(min(len(rows), n_explain - lo)):
+                    at = np.flatnonzero(cells[:, 0] == r)
+                    top = at[np.argsort(-pred[r, cells[at, 1]], kind="stable")[: self.k]]
+                    req = data.requests
+                    explanations.append({
+                        "user": int(req.user_idx[rows[r]]),
+                        "query": req.query[rows[r]],
+                        "device": req.device[rows[r]],
+                        "location": req.location[rows[r]],
+                        "results": [{"item": str(item_ids[items[j]]),
+                                     "score": float(contrib[j].sum()),
+                                     "why": {f: round(float(v), 4)
+                                             for f, v in zip(fams, contrib[j], strict=True)}}
+                                    for j in top],
+                    })
+        return out, explanations
+
+    def evaluate(self, data: _PartData, scores: Mapping[str, np.ndarray]) -> list[EvalResult]:
+        results = []
+        n_items = self.split.n_items
+        for key, sc in scores.items():
+            def score(users: np.ndarray, sc: np.ndarray = sc) -> torch.Tensor:
+                rows = data.row_of_user.loc[users].to_numpy()
+                return full_scores(data.candidates, sc, n_items, rows=rows)
+
+            results.append(evaluate(score, self.split, data.part, self.cfg.eval, name=key,
+                                    progress=self.progress))
+        return results
+
+    def recall(self, data: _PartData) -> dict[str, float]:
+        """Candidate recall@N of each source and of the union (ranking cannot beat it)."""
+        target = data.requests.target
+        assert target is not None
+        out = data.candidates.recall_by_source(target)
+        out["candidates_per_request"] = float(data.candidates.valid.sum(1).mean())
+        return out
+
+
+def run_ranking_stage(dataset: Dataset, split: Split, cfg: RunConfig, inputs: RankingInputs,
+                      out_dir: Path, progress: bool = True) -> RankingOutput:
+    """Train the ranker on validation, evaluate it and its ablations on test, write artifacts."""
+    t0 = time.perf_counter()
+    stage = RankingStage(dataset, split, cfg, inputs, progress)
+    valid = stage.build_part("valid")
+    models, names, fam, info = stage.train(valid)
+    recall = {"valid": stage.recall(valid)}
+    del valid
+    test = stage.build_part("test")
+    recall["test"] = stage.recall(test)
+    scores, explanations = stage.predict(test, models, names, fam)
+    results = stage.evaluate(test, scores)
+    full = models[FULL]
+    importance = full.importance_by_family()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    full.save(out_dir / "ltr_model.txt")
+    info.update(seconds=time.perf_counter() - t0, families={n: fam[n] for n in names})
+    files = {"candidate_recall.json": recall, "importance.json": importance,
+             "explanations.json": explanations, "info.json": info}
+    for fname, content in files.items():
+        (out_dir / fname).write_text(json.dumps(content, indent=1, default=str) + "\n")
+    for r in results:
+        log.info("%s: test %s=%.4f", r.name, cfg.eval.main_metric, r.metrics[cfg.eval.main_metric])
+    return RankingOutput(results, recall, importance, explanations, info)

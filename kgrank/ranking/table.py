@@ -1,0 +1,222 @@
+"""The LightGBM feature table: one row per (request, candidate item), grouped by request.
+
+Columns and their families (the families are what explanations and ablations are reported by):
+
+========================  =========  =========================================================
+column                    family     meaning
+========================  =========  =========================================================
+``score_<s>``             by source  candidate source ``s``'s score (fusion, kg, lightgcn,
+``rank_<s>``                         transition, itemknn, popularity, text, query); rank is
+                                     the 0-based rank in ``s``'s top-N (N when absent)
+``<m>_profile_sim``       m          cos(recency-weighted history profile, item) in modality
+``<m>_last_sim``          m          cos(mean of the latest timestamp group, item)
+                                     (m = text, image, graph:<model>)
+``query_text_sim``        query      cos(query, item text) in the text encoder's space
+``query_image_sim``       query      cos(query, item photo) in the image model's joint space
+``query_overlap``         query      share of the query's tokens found in the item's text
+``has_query``             query      1 when the request has a query
+``item_has_<m>``          m          the item has a text / image embedding
+``hour_*`` / ``weekday_*``  context  cyclic time of the request
+``device`` / ``location``   context  category ids (0 = unknown)
+``user_<column>``         context    demographics of the requesting user
+behaviour features        behaviour  see :mod:`kgrank.features.behaviour` (some are context)
+========================  =========  =========================================================
+
+Everything is computed from the request, its history (events up to the request time) and
+artifacts fitted on the part's history; never from the target.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from kgrank.features.context import ContextVocab, Demographics, time_features
+from kgrank.features.history import RequestHistory
+from kgrank.features.requests import Requests
+
+SOURCE_FAMILY = {
+    "fusion": "fusion",
+    "kg": "graph",
+    "lightgcn": "graph",
+    "transition": "behaviour",
+    "itemknn": "behaviour",
+    "popularity": "behaviour",
+    "text": "text",
+    "image": "image",
+    "query": "query",
+}
+"""Family of each candidate source's score and rank columns."""
+
+MODALITY_FAMILIES = ("graph", "text", "image", "behaviour", "context", "query")
+"""Families a leave-one-modality-out ablation can remove."""
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def tokenize(text: str | None) -> list[str]:
+    """Lower-case alphanumeric tokens."""
+    return _TOKEN.findall(text.lower()) if isinstance(text, str) else []
+
+
+@dataclass
+class TokenIndex:
+    """Binary item x token matrix for lexical query matching."""
+
+    vocab: dict[str, int]
+    item_tokens: sp.csr_matrix  # [n_items, V] binary
+
+    @classmethod
+    def build(cls, texts: list[str]) -> TokenIndex:
+        vocab: dict[str, int] = {}
+        rows, cols = [], []
+        for i, text in enumerate(texts):
+            for tok in set(tokenize(text)):
+                rows.append(i)
+                cols.append(vocab.setdefault(tok, len(vocab)))
+        mat = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)),
+                            shape=(len(texts), max(1, len(vocab))))
+        return cls(vocab, mat)
+
+    def overlap(self, queries: np.ndarray) -> sp.csr_matrix:
+        """``[R, n_items]``: share of each query's distinct tokens found in each item's text
+        (tokens outside the catalog vocabulary count in the denominator)."""
+        rows, cols, vals = [], [], []
+        for r, q in enumerate(queries):
+            toks = set(tokenize(q))
+            for t in toks:
+                if t in self.vocab:
+                    rows.append(r)
+                    cols.append(self.vocab[t])
+                    vals.append(1.0 / len(toks))
+        qmat = sp.csr_matrix((np.asarray(vals, np.float32), (rows, cols)),
+                             shape=(len(queries), self.item_tokens.shape[1]))
+        return (qmat @ self.item_tokens.T).tocsr()
+
+
+def _normalize_rows(mat: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(mat, axis=1, keepdims=True)
+    return np.divide(mat, norms, out=np.zeros_like(mat), where=norms > 0)
+
+
+@dataclass
+class PartFeatures:
+    """Request-level inputs of one part, fitted on that part's history."""
+
+    requests: Requests
+    history: RequestHistory
+    n_items: int
+    embeddings: Mapping[str, tuple[np.ndarray, str]] = field(default_factory=dict)
+    """name -> (item embeddings [n_items, d], L2-normalised, zero rows where missing; family)."""
+    query_emb: Mapping[str, np.ndarray] = field(default_factory=dict)
+    """"text" / "image" -> query embeddings [R, d] (zero rows without a query)."""
+    tokens: TokenIndex | None = None
+    vocab: ContextVocab | None = None
+    demographics: Demographics | None = None
+    behaviour: object | None = None
+    """A fitted :class:`kgrank.features.behaviour.BehaviourFeatures` (``transform``)."""
+    behaviour_families: Mapping[str, str] = field(default_factory=dict)
+    half_life: float = 2.0
+    history_len: int = 20
+    _profiles: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        weights = self.history.matrix(self.n_items, self.half_life, self.history_len)
+        last = self.history.last_group(self.n_items)
+        for name, (emb, _) in self.embeddings.items():
+            self._profiles[name] = (_normalize_rows(np.asarray(weights @ emb, np.float32)),
+                                    _normalize_rows(np.asarray(last @ emb, np.float32)))
+
+    def profile_scores(self, name: str, rows: np.ndarray) -> torch.Tensor:
+        """Full-catalog cos(profile, item) of modality ``name`` for request rows [B, n_items]."""
+        emb = self.embeddings[name][0]
+        return torch.from_numpy(self._profiles[name][0][rows] @ emb.T)
+
+    def query_scores(self, rows: np.ndarray) -> torch.Tensor:
+        """Full-catalog cos(query, item text); -inf for requests without a query (so that a
+        candidate source built on it proposes nothing for them)."""
+        emb = self.embeddings["text"][0]
+        out = torch.from_numpy(self.query_emb["text"][rows] @ emb.T)
+        has = torch.from_numpy(self.requests.has_query[rows])
+        return out.masked_fill(~has[:, None], -torch.inf)
+
+    def build(
+        self,
+        rows: np.ndarray,
+        items: np.ndarray,
+        source_scores: Mapping[str, np.ndarray],
+        source_ranks: Mapping[str, np.ndarray],
+        extra: Mapping[str, tuple[np.ndarray, str]] | None = None,
+    ) -> tuple[np.ndarray, list[str], dict[str, str]]:
+        """Feature matrix of request ``rows`` x candidates ``items [B, C]`` (flattened row-major
+        to ``[B*C, F]``), the column names and each column's family.
+
+        ``source_scores`` / ``source_ranks`` hold ``[B, C]`` arrays per candidate source;
+        ``extra`` further ``[B, C]`` columns with their family (e.g. fusion-variant scores).
+        """
+        b, c = items.shape
+        safe = np.maximum(items, 0)
+        cols: dict[str, np.ndarray] = {}
+        fam: dict[str, str] = {}
+
+        def put(name: str, value: np.ndarray, family: str) -> None:
+            arr = np.asarray(value, dtype=np.float32)
+            cols[name] = np.broadcast_to(arr.reshape(b, -1) if arr.ndim else arr, (b, c))
+            fam[name] = family
+
+        for s, val in source_scores.items():
+            put(f"score_{s}", val, SOURCE_FAMILY.get(s, s))
+            if s in source_ranks:
+                put(f"rank_{s}", source_ranks[s], SOURCE_FAMILY.get(s, s))
+        for name, (emb, family) in self.embeddings.items():
+            prof, last = self._profiles[name]
+            gathered = emb[safe]  # [B, C, d]
+            put(f"{name}_profile_sim", np.einsum("bcd,bd->bc", gathered, prof[rows]), family)
+            put(f"{name}_last_sim", np.einsum("bcd,bd->bc", gathered, last[rows]), family)
+            if family in ("text", "image"):
+                put(f"item_has_{family}", (np.abs(gathered).sum(-1) > 0), family)
+        has_query = self.requests.has_query[rows]
+        if self.query_emb:
+            put("has_query", has_query[:, None], "query")
+        for space, qemb in self.query_emb.items():
+            emb = self.embeddings[space][0]
+            sim = np.einsum("bcd,bd->bc", emb[safe], qemb[rows])
+            put(f"query_{space}_sim", np.where(has_query[:, None], sim, 0.0), "query")
+        if self.tokens is not None and has_query.any():
+            ov = self.tokens.overlap(self.requests.query[rows])
+            put("query_overlap", np.take_along_axis(ov.toarray(), safe, 1), "query")
+        elif self.tokens is not None:
+            put("query_overlap", np.zeros((b, 1)), "query")
+        tf = time_features(self.requests.timestamp[rows])
+        for j, name in enumerate(("hour_sin", "hour_cos", "weekday_sin", "weekday_cos")):
+            put(name, tf[:, j : j + 1], "context")
+        if self.vocab is not None and (self.vocab.devices or self.vocab.locations):
+            ids = self.vocab.ids(self.requests.take(rows))
+            if self.vocab.devices:
+                put("device", ids[:, 0:1], "context")
+            if self.vocab.locations:
+                put("location", ids[:, 1:2], "context")
+        if self.demographics is not None:
+            users = np.maximum(self.requests.user_idx[rows], 0)
+            known = (self.requests.user_idx[rows] >= 0)[:, None]
+            d = self.demographics
+            for j, name in enumerate(d.numeric_names):
+                put(f"user_{name}", np.where(known, d.numeric[users, j : j + 1], 0.0), "context")
+            for j, name in enumerate(d.categorical_names):
+                put(f"user_{name}", np.where(known, d.categorical[users, j : j + 1], 0), "context")
+        if self.behaviour is not None:
+            feats = self.behaviour.transform(self.requests.take(rows), items)  # type: ignore[attr-defined]
+            for name, value in feats.items():
+                put(name, value, self.behaviour_families.get(name, "behaviour"))
+        for name, (value, family) in (extra or {}).items():
+            put(name, value, family)
+        names = list(cols)
+        x = np.empty((b * c, len(names)), dtype=np.float32)
+        for j, name in enumerate(names):
+            x[:, j] = cols[name].reshape(-1)
+        return x, names, fam

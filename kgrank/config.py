@@ -277,7 +277,10 @@ class FusionConfig(_Strict):
     )
     lr: float = Field(2e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(1e-5, ge=0, description="AdamW weight decay.")
-    temperature: float = Field(0.05, gt=0, description="Softmax temperature of the logits.")
+    temperature: float = Field(
+        0.1, gt=0, description="Softmax temperature of the logits (0.1: best demo-shop "
+        "validation NDCG among 0.05 / 0.1 / 0.2).",
+    )
     modality_dropout: float = Field(
         0.2, ge=0, lt=1, description="Training probability of dropping each item modality."
     )

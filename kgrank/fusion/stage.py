@@ -70,8 +70,10 @@ def run_fusion_stage(
     evaluate it on test and save it under ``out_dir``."""
     inputs = fusion_inputs(dataset, cfg, art)
     present = available_modalities(inputs, split)
+    # Training histories include the user's other events at the same timestamp (never the event
+    # itself), as scoring histories do; order-free within the timestamp.
     model = train_fusion(split, inputs, cfg.fusion, cfg.eval, out_dir, progress,
-                         modalities=present)
+                         modalities=present, same_time_history=True)
     requests = requests_for_targets(split.test)
     history = split.history("test")
     test = evaluate(model.scorer(requests, history), split, "test", cfg.eval, name="fusion",
@@ -83,6 +85,6 @@ def run_fusion_stage(
         for m in present:
             keep = [x for x in present if x != m]
             variants[m] = train_fusion(split, inputs, cfg.fusion, cfg.eval, None, progress,
-                                       modalities=keep)
+                                       modalities=keep, same_time_history=True)
             log.info("fusion without %s: best epoch %s", m, variants[m].best_epoch)
     return [test], model, variants

@@ -70,7 +70,7 @@ class EvalResult:
         return out
 
 
-def _csr(frame: pd.DataFrame, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def user_items_csr(frame: pd.DataFrame, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, items) of each listed user's items in ``frame``, in the order of ``users``."""
     pos = pd.Index(users).get_indexer(frame["user_idx"])
     keep = pos >= 0
@@ -128,8 +128,8 @@ def evaluate(
     perm = torch.randperm(n_items, generator=gen)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(n_items)
-    h_off, h_items = _csr(history, users)
-    t_off, t_items = _csr(targets, users)
+    h_off, h_items = user_items_csr(history, users)
+    t_off, t_items = user_items_csr(targets, users)
     per_user: dict[str, list[torch.Tensor]] = {}
     seen = torch.zeros(len(ks), n_items, dtype=torch.bool)
     for lo in tqdm(range(0, len(users), cfg.batch_size), desc=f"eval {name} [{part}]",

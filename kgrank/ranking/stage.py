@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from kgrank.config import RunConfig
 from kgrank.data.dataset import Dataset
 from kgrank.data.split import Part, Split
-from kgrank.eval.protocol import EvalResult, Recommender, evaluate
+from kgrank.eval.protocol import EvalResult, Recommender, evaluate, user_items_csr
 from kgrank.features.context import ContextVocab, Demographics
 from kgrank.features.history import request_history
 from kgrank.features.requests import Requests, requests_for_targets
@@ -86,16 +86,6 @@ class _PartData:
     features: PartFeatures
     candidates: Candidates
     row_of_user: pd.Series
-
-
-def _exclude(history: pd.DataFrame, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """CSR (offsets, items) of each request user's history items (what the evaluator masks)."""
-    pos = pd.Index(users).get_indexer(history["user_idx"])
-    keep = pos >= 0
-    order = np.argsort(pos[keep], kind="stable")
-    items = history["item_idx"].to_numpy()[keep][order]
-    counts = np.bincount(pos[keep], minlength=len(users))
-    return np.concatenate([[0], np.cumsum(counts)]), items
 
 
 def _encode_queries(fn: Callable[[Sequence[str | None]], np.ndarray], queries: np.ndarray
@@ -201,7 +191,7 @@ class RankingStage:
                 add(name, profile(name), name)
         if "text" in query_emb:
             add("query", feats.query_scores, "query")
-        exclude = _exclude(history, users)
+        exclude = user_items_csr(history, users)  # what the evaluator masks
         cands = generate_candidates(sources, np.arange(len(requests)), exclude, self.rc.candidates,
                                     batch_size=self.cfg.eval.batch_size, progress=self.progress,
                                     extra=extra)

@@ -100,22 +100,8 @@ class EmbeddingStore:
         self.last_encoded = len(missing)
         self.last_cached = len(set(hashes)) - len(missing)
         if missing:
-            index = self._append(encoder_id, index, list(missing), list(missing.values()),
-                                 encode_fn)
-            entries = index["entries"]
-        dim = index["dim"]
-        out = np.zeros((len(clean), int(dim) if dim is not None else 0), dtype=np.float32)
-        by_shard: dict[int, list[tuple[int, int]]] = {}
-        for pos, h in enumerate(hashes):
-            shard, row = entries[h]
-            by_shard.setdefault(shard, []).append((pos, row))
-        for shard, pairs in by_shard.items():
-            arr = self.open_shard(encoder_id, index["shards"][shard])
-            pos_idx = np.fromiter((p for p, _ in pairs), dtype=np.int64, count=len(pairs))
-            row_idx = np.fromiter((r for _, r in pairs), dtype=np.int64, count=len(pairs))
-            out[pos_idx] = arr[row_idx]
-            del arr
-        return out
+            self._append(encoder_id, index, list(missing), list(missing.values()), encode_fn)
+        return self.lookup(encoder_id, hashes)[0]
 
     def lookup(self, encoder_id: str, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(embeddings [len(keys), dim] float32, found [len(keys)] bool) for arbitrary string keys.

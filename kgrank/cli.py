@@ -23,6 +23,27 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.ks=[5,10]")
 
 
+TRAIN_RAY_FLAGS = {"ray_address": "ray.address", "workers": "ray.workers",
+                   "gpus_per_worker": "ray.gpus_per_worker",
+                   "cpus_per_worker": "ray.cpus_per_worker",
+                   "threads_per_worker": "ray.threads_per_worker",
+                   "storage_path": "ray.storage_path", "max_failures": "ray.max_failures"}
+"""``kgrank train`` flags and the ``ray`` config keys they override."""
+
+
+def _add_train_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-address", help="auto (running cluster, e.g. under `ray job submit`), "
+                   "local (start Ray here) or ray://host:port; default: ray.address (None: "
+                   "in-process)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (ray.workers)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (ray.gpus_per_worker)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (ray.cpus_per_worker)")
+    p.add_argument("--threads-per-worker", type=int,
+                   help="torch / OMP threads per worker (ray.threads_per_worker)")
+    p.add_argument("--storage-path", help="checkpoint storage, local dir or URI (ray.storage_path)")
+    p.add_argument("--max-failures", type=int, help="worker-group restarts (ray.max_failures)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kgrank", description="Knowledge-graph-augmented multimodal ranker."
@@ -66,10 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the configured pipeline end to end")
     _add_run_args(run)
 
-    train = sub.add_parser("train", help="train one stage of the pipeline")
-    tsub = train.add_subparsers(dest="stage", required=True)
-    tgraph = tsub.add_parser("graph", help="build the graph and train the configured GNNs")
-    _add_run_args(tgraph)
+    train = sub.add_parser(
+        "train", help="train the training stages (graph; fusion when enabled), in-process or "
+        "on Ray", description="kgrank train CONFIG [overrides] trains graph (and fusion when "
+        "enabled, after the encoders it needs); kgrank train graph|fusion CONFIG only that "
+        "stage. With --ray-address (or ray.address in the YAML) through Ray Train.")
+    _add_run_args(train)
+    _add_train_ray_args(train)
 
     encode = sub.add_parser("encode", help="encode item texts/images (encoders.modalities), "
                             "evaluate text-only / image-only recommenders")
@@ -83,6 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["leave_last_out", "time_cut", "random", "predefined"],
                         help="the graph uses the training part of this split")
     gstats.add_argument("--export", type=Path, help="write nodes/edges Parquet (+ GraphML) here")
+
+    exp = sub.add_parser("export", help="export a finished run for serving (embeddings, FAISS "
+                         "index, ONNX towers, LightGBM model, manifest)")
+    exp.add_argument("run_dir", type=Path, help="runs/<name> of a run with fusion + ranking")
+    exp.add_argument("out_dir", type=Path, help="export directory to write (atomically)")
+    exp.add_argument("--data", type=Path, help="the run's dataset directory, when data.path of "
+                     "its config.yaml is relative to another working directory")
+    exp.add_argument("--no-overwrite", action="store_true", help="fail if out_dir exists")
+    srv = sub.add_parser("serve", help="serve an export over HTTP (search API + demo page)")
+    srv.add_argument("export_dir", type=Path)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--candidates", type=int, help="top-N per candidate source (default: the "
+                     "run's ranking.candidates)")
+    srv.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads")
 
     cfg = sub.add_parser("config", help="show a resolved config or describe every field")
     csub = cfg.add_subparsers(dest="config_command", required=True)
@@ -168,14 +207,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_arguments(args: argparse.Namespace) -> tuple[str | None, str, list[str]]:
+    """(only this stage or None, config path, overrides) of ``kgrank train``: ``kgrank train
+    graph|fusion CONFIG ...`` trains one stage; the Ray flags become ``ray.*`` overrides."""
+    config, overrides = str(args.config), list(args.overrides)
+    only: str | None = None
+    if config in ("graph", "fusion") and overrides:
+        only, config, overrides = config, overrides[0], overrides[1:]
+    for flag, key in TRAIN_RAY_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return only, config, overrides
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from kgrank.eval.report import metrics_table
     from kgrank.pipeline import report_keys, run
 
-    cfg = load_config(args.config, args.overrides)
-    if not cfg.graph.models:
-        raise ConfigError(f"{args.config}: graph.models is empty, nothing to train")
-    result = run(cfg, progress=not args.quiet, stages=("graph",))
+    only, config, overrides = train_arguments(args)
+    cfg = load_config(config, overrides)
+    if not cfg.graph.models and (only == "graph" or (only is None and not cfg.fusion.enabled)):
+        raise ConfigError(f"{config}: graph.models is empty, nothing to train")
+    stages: tuple[str, ...] = ("graph",)
+    if only == "fusion" or (only is None and cfg.fusion.enabled):
+        # the fusion towers read the graph embeddings and the encoders' item embeddings
+        stages = ("graph", "encoders", "fusion")
+    from kgrank.distributed.session import ray_session
+
+    with ray_session(cfg.ray.address, cfg.ray.threads_per_worker):  # one Ray for all stages
+        result = run(cfg, progress=not args.quiet, stages=stages)
     print(metrics_table(result.results, report_keys(cfg)))
     print(f"\nrun directory: {result.run_dir} ({result.seconds:.1f} s)")
     return 0
@@ -231,6 +292,26 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from kgrank.export.writer import export_run
+
+    out = export_run(args.run_dir, args.out_dir, data_path=args.data,
+                     overwrite=not args.no_overwrite, progress=not args.quiet)
+    print(f"export directory: {out}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kgrank.serve.app import serve
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port}: not a TCP port (1..65535)")
+    if args.candidates is not None and args.candidates < 1:
+        raise ConfigError(f"--candidates {args.candidates}: must be at least 1")
+    serve(args.export_dir, args.host, args.port, args.candidates, max(1, args.threads))
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.config_command == "describe":
         print("\n".join(describe_config()))
@@ -249,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     handlers = {"data": _cmd_data, "evaluate": _cmd_evaluate, "run": _cmd_run,
                 "train": _cmd_train, "encode": _cmd_encode, "graph": _cmd_graph,
-                "config": _cmd_config}
+                "config": _cmd_config, "export": _cmd_export, "serve": _cmd_serve}
     try:
         return handlers[args.command](args)
     except (DatasetError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:

@@ -205,6 +205,10 @@ class ImageConfig(_Strict):
     )
     batch_size: int = Field(32, gt=0, description="Images per forward pass.")
     device: str = Field("cpu", description="torch device of the image encoder.")
+    image_size: int | None = Field(
+        None, ge=32, description="Input resolution in pixels; None: the model's own (224 for "
+        "the offline model). Small catalog photos need no upscaling: 128 costs ~1/3 of 224.",
+    )
 
 
 class AlignConfig(_Strict):
@@ -325,11 +329,72 @@ class RankingConfig(_Strict):
     half_life: float = Field(
         2.0, gt=0, description="Recency half-life (timestamp groups) of behaviour aggregates."
     )
+    attributes: list[str] = Field(
+        default_factory=list, description="Categorical item columns (e.g. colour, material) "
+        "that get attribute-affinity features; their values also join the item tokens that "
+        "queries are matched against. Categories and brand are always used.",
+    )
+    session_gap_s: int = Field(
+        1800, ge=0, description="A user's events more than this many seconds apart are in "
+        "different sessions (session features: previous-session transitions). 0: every "
+        "timestamp is its own session.",
+    )
     ablations: bool = Field(
         True, description="Also train leave-one-modality-out LTR models (graph, text, image, "
         "behaviour, context, query families).",
     )
     ltr: LTRConfig = Field(default_factory=LTRConfig, description="LightGBM LambdaRank.")
+
+
+
+RayStage = Literal["graph", "fusion", "ranking"]
+RAY_STAGES: tuple[RayStage, ...] = ("graph", "fusion")
+
+
+class RayTrainConfig(_Strict):
+    """Distributed training of the training stages with Ray Train (``kgrank train``)."""
+
+    address: str | None = Field(
+        None, description="Ray cluster to train on: 'auto' (the running cluster, e.g. inside "
+        "`ray job submit`), 'local' (start a local Ray instance), or an address such as "
+        "'ray://head:10001'. None: train in-process, Ray is never imported.",
+    )
+    workers: int = Field(2, ge=1, description="Ray Train workers (DDP processes) per stage.")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, description="GPUs per worker; > 0 sets ScalingConfig(use_gpu=True) and NCCL.",
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker.")
+    threads_per_worker: int = Field(
+        1, ge=1, description="torch.set_num_threads and OMP_NUM_THREADS inside each worker (Ray "
+        "sets OMP_NUM_THREADS=1 by default, ray-project/ray#15718).",
+    )
+    storage_path: str | None = Field(
+        None, description="RunConfig(storage_path): local dir or shared storage (s3://, "
+        "NFS path) for checkpoints; must be reachable from every node on a cluster. None: "
+        "<output_dir>/ray_results (absolute).",
+    )
+    max_failures: int = Field(
+        2, ge=-1, description="FailureConfig(max_failures): worker-group restarts from the "
+        "latest checkpoint (-1: unlimited, 0: none).",
+    )
+    poll_interval_s: float = Field(
+        0.2, gt=0, description="Ray Train controller poll interval (RAY_TRAIN_HEALTH_CHECK_"
+        "INTERVAL_S, Ray's default 2 s; the environment variable wins when set): every "
+        "per-epoch report waits for a poll, ~1.5 s per epoch at the default.",
+    )
+    split_batch: bool = Field(
+        True, description="True: each worker steps on batch_size / workers examples, so a step "
+        "averages over batch_size like in-process (same optimisation, same number of steps); "
+        "False: each worker uses batch_size (a workers-times larger global batch and "
+        "workers-times fewer steps per epoch; the full-graph propagation of the graph models is "
+        "per step, so only this mode cuts their epoch time).",
+    )
+    stages: list[RayStage] = Field(
+        default_factory=lambda: list(RAY_STAGES),
+        description="Training stages run through Ray when an address is set: graph and "
+        "fusion (Ray Train TorchTrainer), ranking (the LambdaRank models of `kgrank run` as "
+        "data-parallel LightGBM, whole query groups per worker; opt-in).",
+    )
 
 
 class RunConfig(_Strict):
@@ -348,6 +413,9 @@ class RunConfig(_Strict):
     fusion: FusionConfig = Field(default_factory=FusionConfig, description="Fusion network.")
     ranking: RankingConfig = Field(
         default_factory=RankingConfig, description="Candidates + LightGBM LambdaRank."
+    )
+    ray: RayTrainConfig = Field(
+        default_factory=RayTrainConfig, description="Distributed training with Ray Train."
     )
 
     @model_validator(mode="after")

@@ -348,3 +348,20 @@ def test_encode_unloadable_model_is_one_error_line(tmp_path: Path, capsys: Capsy
     line = _one_error_line(capsys)
     assert "encoders.text: cannot load the encoder" in line and "no-such-model" in line
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+# -- export / serve -----------------------------------------------------------------------------
+
+
+def test_export_of_a_non_run_is_one_error_line(tmp_path: Path, capsys: Capsys) -> None:
+    assert main(["-q", "export", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "config.yaml is missing" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_serve_bad_arguments_are_one_error_line(tmp_path: Path, capsys: Capsys) -> None:
+    assert main(["-q", "serve", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port 70000" in capsys.readouterr().err
+    assert main(["-q", "serve", str(tmp_path), "--port", "8123"]) == 2
+    assert "not an export directory" in capsys.readouterr().err

@@ -57,7 +57,7 @@ def build_encoder(kind: EncoderKind, spec: dict[str, Any], use_gpu: bool = False
 
         return ImageEncoder(model_name=image.model_name, pretrained=image.pretrained,
                             checkpoint=image.checkpoint, device=image.device,
-                            batch_size=image.batch_size, aligned=aligned)
+                            batch_size=image.batch_size, aligned=aligned, image_size=image.image_size)
     raise ValueError(f"unknown encoder kind {kind!r} (text or image)")
 
 

@@ -242,7 +242,8 @@ class ImageEncoder:
     open_clip model name with a ``pretrained`` tag or a ``checkpoint`` file path. ``aligned`` is
     a file written by :func:`kgrank.encoders.align.save_aligned` (LiT catalog alignment): its
     tuned tensors are loaded over the model (after checking they were aligned on the same base
-    weights) and its sha256 becomes part of ``encoder_id``.
+    weights) and its sha256 becomes part of ``encoder_id``. ``image_size`` sets the input
+    resolution (default: the model's own); it is part of ``encoder_id`` too.
     """
 
     def __init__(
@@ -253,6 +254,7 @@ class ImageEncoder:
         device: str = "cpu",
         batch_size: int = 32,
         aligned: str | Path | None = None,
+        image_size: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -267,7 +269,7 @@ class ImageEncoder:
         if model_name is None:
             if pretrained is not None or checkpoint is not None:
                 raise ValueError("pretrained/checkpoint need a model_name")
-            self.model, self.preprocess = build_offline_clip()
+            self.model, self.preprocess = build_offline_clip(image_size=image_size or 224)
             text_dir = str(default_text_model_dir())
             self.tokenizer = open_clip.tokenizer.HFTokenizer(
                 text_dir, context_length=TEXT_CONTEXT_LENGTH
@@ -277,7 +279,7 @@ class ImageEncoder:
         else:
             weights = pretrained or checkpoint
             model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=weights, device=device
+                model_name, pretrained=weights, device=device, force_image_size=image_size
             )
             self.model, self.preprocess = model, preprocess
             self.tokenizer = open_clip.get_tokenizer(model_name)

@@ -243,7 +243,7 @@ def build_image_encoder(cfg: ImageConfig, aligned: Path | None = None) -> Any:
     try:
         return ImageEncoder(model_name=cfg.model_name, pretrained=cfg.pretrained,
                             checkpoint=cfg.checkpoint, device=cfg.device,
-                            batch_size=cfg.batch_size, aligned=aligned)
+                            batch_size=cfg.batch_size, aligned=aligned, image_size=cfg.image_size)
     except (OSError, RuntimeError) as exc:
         raise _load_error("encoders.image", exc) from exc
 

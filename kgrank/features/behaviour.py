@@ -53,6 +53,9 @@ POP_WINDOWS = (1, 7, 30)
 """Day windows of the request-time popularity counts."""
 CHUNK = 2048
 """Requests per transform chunk (bounds the temporary memory)."""
+SESSION_GAP_S = 1800
+"""Default session gap: a user's events more than this many seconds apart are in different
+sessions (the usual 30 minutes of session-based recommendation)."""
 
 FEATURE_DOCS: dict[str, str] = {
     # user activity (per request, broadcast over candidates)
@@ -76,6 +79,10 @@ FEATURE_DOCS: dict[str, str] = {
     "price_vs_leaf": "lp(c) - log1p(median price of c's leaf category, else of the catalog); "
                      "0 without price",
     "has_price": "1 if the candidate has a price",
+    "rel_price_gap": "price_vs_leaf(c) - the w-weighted mean of price_vs_leaf over priced events "
+                     "in H (how much dearer than usual for its category); 0 if either side has "
+                     "no price",
+    "rel_price_abs_gap": "|rel_price_gap|",
     # item-to-item
     "trans_last": "mean_{a in latest group} P(c | a), P the row-normalised counts of a -> b over "
                   "consecutive distinct timestamps of every user",
@@ -83,6 +90,15 @@ FEATURE_DOCS: dict[str, str] = {
     "cooc_score": "sum_{e in H} w_e Q(c | a_e) / sum w_e, Q the row-normalised number of users "
                   "with a and b at one timestamp or in one session",
     "knn_max": "max_{a in H} cos(a, c), binary user co-interaction cosine (top KNN_NEIGHBORS)",
+    # sessions: the request's session is the run of the user's events <= t whose gaps (and the
+    # gap to t) are <= session_gap_s; P = the latest timestamp group before that session (the
+    # latest group when the request starts a new session)
+    "sess_events": "number of the user's events in the request's session (0: a new session)",
+    "sess_prev_leaf_trans": "mean_{a in P} S(leaf(c) | leaf(a)), S the row-normalised counts of "
+                            "leaf(a) -> leaf(b), a in the last group of a session and b in the "
+                            "user's next session",
+    "sess_prev_leaf_lift": "sess_prev_leaf_trans / the share of leaf(c) among all next-session "
+                           "items",
     "item_in_history": "1 if c itself is in H",
     # request-time popularity (all users, events strictly before t)
     "pop_1d": "events of c in [t - 1 day, t)",
@@ -111,10 +127,17 @@ FEATURE_FAMILIES: dict[str, str] = {
 FEATURE_NAMES: tuple[str, ...] = tuple(FEATURE_FAMILIES)
 
 GLOBAL_FEATURES: frozenset[str] = frozenset(
-    {"trans_last", "trans_decay", "cooc_score", "knn_max", "pop_all"}
+    {"trans_last", "trans_decay", "cooc_score", "knn_max", "pop_all", "sess_prev_leaf_trans",
+     "sess_prev_leaf_lift"}
 )
 """Features that read item-item statistics (or counts) fitted on the whole history; all other
 features use only events before the request (``<= t`` for the user, ``< t`` for other users)."""
+
+
+def attribute_feature_names(attributes: Sequence[str]) -> tuple[str, ...]:
+    """Names of the attribute-affinity features of item columns ``attributes``: per column
+    ``attr_<col>_share`` (as ``cat_leaf_share`` for the column's value) and ``attr_<col>_count``."""
+    return tuple(f"attr_{col}_{kind}" for col in attributes for kind in ("share", "count"))
 
 _Side = Literal["left", "right"]
 
@@ -225,6 +248,14 @@ def _codes(values: pd.Series | np.ndarray | None, vocab: list[str]) -> np.ndarra
     index = {v: i for i, v in enumerate(vocab)}
     return np.array([index.get(v.strip(), -1) if isinstance(v, str) else -1 for v in list(values)],
                     dtype=np.int64)
+
+
+def _attribute_codes(column: pd.Series) -> np.ndarray:
+    """int64 value ids of a categorical item column (strings, bools, integers; anything else,
+    e.g. None / NaN / lists, is missing = -1), numbered in sorted value order."""
+    values = pd.Series([str(v) if isinstance(v, str | bool | int | np.integer) else None
+                        for v in column.tolist()], dtype=object)
+    return _codes(values, _vocab(values))
 
 
 def _vocab(values: pd.Series | None) -> list[str]:
@@ -415,6 +446,47 @@ def _cosine(user: np.ndarray, item: np.ndarray, n_users: int, n_items: int,
     return _keep_top(sim, neighbors)
 
 
+def _session_leaf_transitions(
+    user: np.ndarray, ts: np.ndarray, gid: np.ndarray, group_start: np.ndarray,
+    item: np.ndarray, leaf: np.ndarray, gap: int,
+) -> tuple[np.ndarray, sp.csr_matrix, np.ndarray]:
+    """Sessions of the (user, ts)-sorted events and the leaf transitions between sessions.
+
+    Returns the position of each event's session's first event, ``S`` (row-normalised counts of
+    ``leaf(a) -> leaf(b)``, ``a`` in the last timestamp group of a session with weight
+    ``1 / |group|`` and ``b`` in the same user's next session) and the share of each leaf among
+    all such ``b``. Built from timestamps only: blind to the order of same-time events.
+    """
+    n_leaf = int(leaf.max()) + 1 if len(leaf) and leaf.max() >= 0 else 1
+    n = len(user)
+    if n == 0:
+        return np.zeros(0, np.int64), sp.csr_matrix((n_leaf, n_leaf)), np.zeros(n_leaf)
+    new_sess = np.ones(n, dtype=bool)
+    new_sess[1:] = (user[1:] != user[:-1]) | (ts[1:] - ts[:-1] > gap)
+    first = np.flatnonzero(new_sess)
+    sess_first = first[np.cumsum(new_sess) - 1]
+    end = np.r_[first[1:], n]
+    follows = (first > 0) & (user[np.maximum(first - 1, 0)] == user[first])
+    prev_last = first[follows] - 1
+    ka, ev_a = _ranges(group_start[gid[prev_last]], prev_last + 1)
+    kb, ev_b = _ranges(first[follows], end[follows])
+    la, lb = leaf[item[ev_a]], leaf[item[ev_b]]
+    a = pd.DataFrame({"k": ka[la >= 0], "la": la[la >= 0]})
+    a["w"] = 1.0 / a.groupby("k")["la"].transform("size").to_numpy(dtype=np.float64)
+    b = pd.DataFrame({"k": kb[lb >= 0], "lb": lb[lb >= 0]})
+    pairs = a.merge(b, on="k")
+    counts = sp.csr_matrix((pairs["w"].to_numpy(), (pairs["la"].to_numpy(),
+                                                    pairs["lb"].to_numpy())),
+                           shape=(n_leaf, n_leaf))
+    counts.sum_duplicates()
+    rowsum = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    inv = np.divide(1.0, rowsum, out=np.zeros(n_leaf), where=rowsum > 0)
+    trans = sp.csr_matrix(sp.diags(inv) @ counts)
+    trans.sort_indices()
+    share = np.bincount(b["lb"].to_numpy(), minlength=n_leaf).astype(np.float64)
+    return sess_first, trans, share / max(share.sum(), 1.0)
+
+
 # --------------------------------------------------------------------------- the features
 
 
@@ -451,10 +523,18 @@ class BehaviourFeatures:
     cooc: sp.csr_matrix = field(repr=False)
     sim: sp.csr_matrix = field(repr=False)
     pop_all: np.ndarray = field(repr=False)
+    session_gap_s: int = SESSION_GAP_S
+    ev_sess_first: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    """Position (in the sorted user events) of the first event of each event's session."""
+    leaf_trans: sp.csr_matrix = field(default_factory=lambda: sp.csr_matrix((1, 1)), repr=False)
+    leaf_next_share: np.ndarray = field(default_factory=lambda: np.zeros(1), repr=False)
+    attributes: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    """item column -> int64 value code per item (-1 = missing)."""
 
     @property
     def feature_names(self) -> tuple[str, ...]:
-        return FEATURE_NAMES
+        """:data:`FEATURE_NAMES` plus the attribute-affinity features of the fitted columns."""
+        return FEATURE_NAMES + attribute_feature_names(list(self.attributes))
 
     @classmethod
     def fit(
@@ -465,13 +545,22 @@ class BehaviourFeatures:
         n_items: int,
         history_len: int = 20,
         half_life: float = 2.0,
+        attributes: Sequence[str] = (),
+        session_gap_s: int = SESSION_GAP_S,
     ) -> BehaviourFeatures:
         """Index ``history`` (``user_idx``, ``item_idx``, ``timestamp`` [, ``device``,
-        ``location``, ``session_id``]) and the items table (row ``i`` = item ``i``)."""
+        ``location``, ``session_id``]) and the items table (row ``i`` = item ``i``).
+
+        ``attributes`` names categorical item columns (e.g. ``colour``) that get
+        attribute-affinity features; ``session_gap_s`` splits a user's events into sessions."""
         if len(items) != n_items:
             raise ValueError(f"items has {len(items)} rows, not n_items={n_items}")
-        if history_len < 1 or half_life <= 0:
-            raise ValueError("history_len must be >= 1 and half_life > 0")
+        if history_len < 1 or half_life <= 0 or session_gap_s < 0:
+            raise ValueError("history_len must be >= 1, half_life > 0 and session_gap_s >= 0")
+        missing = [c for c in attributes if c not in items.columns]
+        if missing:
+            raise ValueError(f"attribute columns {missing} are not in the items table "
+                             f"(columns: {sorted(items.columns)})")
         user = history["user_idx"].to_numpy(dtype=np.int64)
         item = history["item_idx"].to_numpy(dtype=np.int64)
         if len(user) and (user.min() < 0 or user.max() >= n_users or item.min() < 0
@@ -506,6 +595,9 @@ class BehaviourFeatures:
         brand = (_codes(items["brand"], _vocab(items["brand"])) if "brand" in items
                  else np.full(n_items, -1, dtype=np.int64))
         log_price, price_vs_leaf = _price_features(items, leaf)
+        sess_first, leaf_trans, leaf_next = _session_leaf_transitions(
+            s_user, s_ts, gid, group_start, s_item, leaf, session_gap_s)
+        attr_codes = {str(c): _attribute_codes(items[c]) for c in attributes}
         return cls(
             n_users=n_users,
             n_items=n_items,
@@ -534,6 +626,11 @@ class BehaviourFeatures:
             cooc=_row_normalise(_cooccurrence_counts(s_user, gid, s_item, session, n_items)),
             sim=_cosine(user, item, n_users, n_items, KNN_NEIGHBORS),
             pop_all=np.bincount(item, minlength=n_items).astype(np.float64),
+            session_gap_s=int(session_gap_s),
+            ev_sess_first=sess_first,
+            leaf_trans=leaf_trans,
+            leaf_next_share=leaf_next,
+            attributes=attr_codes,
         )
 
     def transform(self, requests: Requests, candidates: np.ndarray) -> dict[str, np.ndarray]:
@@ -544,7 +641,8 @@ class BehaviourFeatures:
             raise ValueError(f"candidates must be [R={len(requests)}, C], got {cand.shape}")
         if cand.size and (cand.max() >= self.n_items or cand.min() < -1):
             raise ValueError(f"candidate ids must be in [-1, {self.n_items})")
-        out = {name: np.zeros(cand.shape, dtype=np.float32) for name in FEATURE_NAMES}
+        names = self.feature_names
+        out = {name: np.zeros(cand.shape, dtype=np.float32) for name in names}
         for lo in range(0, len(requests), CHUNK):
             rows = np.arange(lo, min(lo + CHUNK, len(requests)))
             # Candidates sorted within each request make the sorted-key lookups local.
@@ -552,12 +650,42 @@ class BehaviourFeatures:
             sorted_cand = np.take_along_axis(cand[rows], perm, axis=1)
             part = self._chunk(requests.take(rows), sorted_cand)
             pad = sorted_cand < 0
-            for name in FEATURE_NAMES:
+            for name in names:
                 values = part[name].reshape(len(rows), -1)
                 values = np.where(pad | ~np.isfinite(values), 0.0, values).astype(np.float32)
                 block = np.empty_like(values)
                 np.put_along_axis(block, perm, values, axis=1)
                 out[name][rows] = block
+        return out
+
+    def _session_features(self, t: np.ndarray, start: np.ndarray, stop: np.ndarray,
+                          has: np.ndarray, rf: np.ndarray, cand: np.ndarray
+                          ) -> dict[str, np.ndarray]:
+        """``sess_*`` features of the flattened pairs (``start`` / ``stop``: each request's
+        slice of the sorted user events ``<= t``)."""
+        nr = len(t)
+        last = np.maximum(stop - 1, 0)
+        in_sess = has & (t - self.users.ts_at(last) <= self.session_gap_s)
+        first = np.where(in_sess, _take(self.ev_sess_first, last), 0)
+        out = {"sess_events": np.where(in_sess, stop - first, 0).astype(np.float64)[rf]}
+        # P: the latest group before the session (its last event is p_ev)
+        p_ev = np.where(in_sess, first - 1, last)
+        valid = has & (p_ev >= start)
+        a_lo = _take(self.group_start, _take(self.ev_gid, np.maximum(p_ev, 0)))
+        owner, ev = _ranges(np.where(valid, a_lo, 0), np.where(valid, p_ev + 1, 0))
+        a_leaf = self.leaf[self.ev_item[ev]]
+        owner, a_leaf = owner[a_leaf >= 0], a_leaf[a_leaf >= 0]
+        n_a = np.bincount(owner, minlength=nr)
+        k, col, prob = _expand_rows(self.leaf_trans, owner, a_leaf)
+        n_leaf = self.leaf_trans.shape[1]
+        keys, (sums,) = _segment_sums(owner[k] * n_leaf + col, [prob / n_a[owner[k]]])
+        c_leaf = self.leaf[cand]
+        trans = np.where(c_leaf >= 0, _lookup(keys, sums, rf * n_leaf + np.maximum(c_leaf, 0)),
+                         0.0)
+        base = self.leaf_next_share[np.maximum(c_leaf, 0)]
+        out["sess_prev_leaf_trans"] = trans
+        out["sess_prev_leaf_lift"] = np.divide(trans, base, out=np.zeros(len(trans)),
+                                               where=(base > 0) & (c_leaf >= 0))
         return out
 
     # ------------------------------------------------------------------- one chunk
@@ -601,7 +729,8 @@ class BehaviourFeatures:
 
         # ---- category / brand affinity and repeat signals
         for name, attr in (("cat_leaf", self.leaf), ("cat_parent", self.parent),
-                           ("cat_top", self.top), ("brand", self.brand)):
+                           ("cat_top", self.top), ("brand", self.brand),
+                           *((f"attr_{c}", codes) for c, codes in self.attributes.items())):
             a = attr[hist_item]
             ok = a >= 0
             size = int(attr.max()) + 1 if len(attr) and attr.max() >= 0 else 1
@@ -635,6 +764,13 @@ class BehaviourFeatures:
         f["price_abs_z"] = np.abs(f["price_z"])
         f["price_vs_leaf"] = self.price_vs_leaf[cand]
         f["has_price"] = np.isfinite(lpc).astype(np.float64)
+        rel = self.price_vs_leaf[hist_item]
+        keys, (rw, rwv) = _segment_sums(owner[ok], [w[ok], w[ok] * rel[ok]], sort_by=[rel[ok]])
+        rw_r = _scatter(nr, keys, rw)
+        rel_mean = np.divide(_scatter(nr, keys, rwv), rw_r, out=np.zeros(nr), where=rw_r > 0)
+        rok = np.isfinite(lpc) & (rw_r[rf] > 0)
+        f["rel_price_gap"] = np.where(rok, self.price_vs_leaf[cand] - rel_mean[rf], 0.0)
+        f["rel_price_abs_gap"] = np.abs(f["rel_price_gap"])
 
         # ---- item-to-item
         qk = rf * self.n_items + cand
@@ -660,6 +796,7 @@ class BehaviourFeatures:
         k, col, p = _expand_rows(self.sim, owner, hist_item)
         keys, s_max = _segment_max(owner[k] * self.n_items + col, p)
         f["knn_max"] = _lookup(keys, s_max, qk)
+        f.update(self._session_features(t, start, stop, has, rf, cand))
 
         # ---- request-time popularity (events strictly before t)
         irank = self.item_times.rank(cand)

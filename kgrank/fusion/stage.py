@@ -8,6 +8,8 @@ validation period ever sees validation interactions through them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,16 @@ def available_modalities(inputs: FusionInputs, split: Split) -> list[str]:
     return [m for m in ALL_MODALITIES if m in present]
 
 
+def _trainer(cfg: RunConfig) -> Callable[..., FusionResult]:
+    """:func:`train_fusion`, or its Ray Train twin when ``ray.address`` is set and ``fusion`` is
+    among ``ray.stages`` (Ray is imported only then)."""
+    if cfg.ray.address is None or "fusion" not in cfg.ray.stages:
+        return train_fusion
+    from kgrank.distributed.train_fusion import train_fusion_ray
+
+    return partial(train_fusion_ray, ray_cfg=cfg.ray, output_dir=cfg.output_dir)
+
+
 def run_fusion_stage(
     dataset: Dataset, split: Split, cfg: RunConfig, art: Any, out_dir: Path,
     progress: bool = True, ablate: bool = False,
@@ -72,8 +84,8 @@ def run_fusion_stage(
     present = available_modalities(inputs, split)
     # Training histories include the user's other events at the same timestamp (never the event
     # itself), as scoring histories do; order-free within the timestamp.
-    model = train_fusion(split, inputs, cfg.fusion, cfg.eval, out_dir, progress,
-                         modalities=present, same_time_history=True)
+    model = _trainer(cfg)(split, inputs, cfg.fusion, cfg.eval, out_dir, progress,
+                          modalities=present, same_time_history=True)
     requests = requests_for_targets(split.test)
     history = split.history("test")
     test = evaluate(model.scorer(requests, history), split, "test", cfg.eval, name="fusion",
@@ -84,7 +96,7 @@ def run_fusion_stage(
     if ablate:
         for m in present:
             keep = [x for x in present if x != m]
-            variants[m] = train_fusion(split, inputs, cfg.fusion, cfg.eval, None, progress,
+            variants[m] = _trainer(cfg)(split, inputs, cfg.fusion, cfg.eval, None, progress,
                                        modalities=keep, same_time_history=True)
             log.info("fusion without %s: best epoch %s", m, variants[m].best_epoch)
     return [test], model, variants

@@ -29,6 +29,10 @@ vector ``u_b`` and candidates ``C`` (the ``B`` positives then the negatives)::
 where a candidate equal to row ``b``'s own positive item (other than the positive itself) is an
 "accidental hit" and masked out of the softmax.
 
+The step (:func:`fusion_epoch` over :class:`FusionLoss`) and the preparation
+(:func:`prepare_fusion`) are shared with the Ray Train runner
+(:mod:`kgrank.distributed.train_fusion`), which wraps the loss module in DDP.
+
 Validation and early stopping
 -----------------------------
 After every epoch the model scores the validation requests
@@ -43,7 +47,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,15 +63,21 @@ from tqdm.auto import tqdm
 from kgrank.config import EvalConfig, FusionConfig
 from kgrank.data.split import Split
 from kgrank.eval.protocol import Scorer, evaluate
-from kgrank.features.context import ContextVocab, Demographics, time_features
-from kgrank.features.requests import Requests, requests_for_targets, to_seconds
-from kgrank.fusion.model import FusionModel, FusionSpec, UserBatch, gap_bucket
+from kgrank.features.context import ContextVocab, Demographics
+from kgrank.features.requests import Requests, requests_for_targets
+from kgrank.fusion.inputs import (  # noqa: F401  (moved to fusion.inputs; re-exported)
+    EventIndex,
+    QueryCache,
+    QueryEncoder,
+    RequestFeatures,
+    request_features,
+)
+from kgrank.fusion.model import FusionModel, FusionSpec, UserBatch
+from kgrank.graph.train import EarlyStopping
 from kgrank.io import atomic_write_bytes, atomic_write_text
 
 MODALITIES: tuple[str, ...] = ("graph", "text", "image", "context", "query", "behaviour")
 """Inputs that ``train_fusion(modalities=...)`` can keep or leave out."""
-QueryEncoder = Callable[[Sequence[str | None]], np.ndarray]
-"""Texts -> float32 [n, query_dim] embeddings in the item-text encoder's space."""
 WEIGHTS_FILE = "fusion.safetensors"
 META_FILE = "fusion.json"
 
@@ -99,179 +109,6 @@ class FusionEpoch:
     valid: float | None
     seconds: float
     eval_seconds: float = 0.0
-
-
-# ---------------------------------------------------------------------------------- histories
-
-
-class EventIndex:
-    """A history's events sorted by ``(user, timestamp, item)``, one row per (user, item) (the
-    earliest), for vectorised window look-ups."""
-
-    def __init__(self, history: pd.DataFrame) -> None:
-        users = history["user_idx"].to_numpy(dtype=np.int64)
-        items = history["item_idx"].to_numpy(dtype=np.int64)
-        times = to_seconds(history["timestamp"]) if len(history) else np.zeros(0, np.int64)
-        order = np.lexsort((items, times, users))
-        users, items, times = users[order], items[order], times[order]
-        # the earliest event of each (user, item): after a stable sort by (user, item)
-        pair = np.lexsort((times, items, users))
-        first = np.ones(len(pair), dtype=bool)
-        first[1:] = (users[pair][1:] != users[pair][:-1]) | (items[pair][1:] != items[pair][:-1])
-        keep = np.sort(pair[first])
-        self.users, self.items, self.times = users[keep], items[keep], times[keep]
-        self.t0 = int(self.times.min()) if len(self.times) else 0
-        self.span = (int(self.times.max()) - self.t0 + 3) if len(self.times) else 3
-        self.keys = self._key(self.users, self.times)
-
-    def _key(self, users: np.ndarray, times: np.ndarray) -> np.ndarray:
-        rel = np.clip(np.asarray(times, np.int64) - self.t0, -1, self.span - 2) + 1
-        return np.asarray(users, np.int64) * self.span + rel
-
-    def position(self, users: np.ndarray, times: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """Position of each event ``(user, time, item)`` in the sorted arrays (-1: absent)."""
-        if not len(self.keys):
-            return np.full(len(users), -1, np.int64)
-        lo = np.searchsorted(self.keys, self._key(users, times), side="left")
-        hi = np.searchsorted(self.keys, self._key(users, times), side="right")
-        # within the (user, time) group [lo, hi) the items are sorted: search each group
-        out = np.full(len(users), -1, np.int64)
-        items = np.asarray(items, np.int64)
-        for width in np.unique(hi - lo):
-            rows = np.flatnonzero(hi - lo == width)
-            if width == 0:
-                continue
-            group = lo[rows, None] + np.arange(width)[None, :]
-            hit = self.items[group] == items[rows, None]
-            found = hit.any(1)
-            out[rows[found]] = group[found, hit[found].argmax(1)]
-        return out
-
-    def bounds(
-        self, users: np.ndarray, times: np.ndarray, strict: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(first, end) positions of each request's history: the user's events before ``t``
-        (``strict``) or at or before ``t``. Unknown users (-1) get an empty range."""
-        users = np.asarray(users, np.int64)
-        lo = np.searchsorted(self.keys, users * self.span, side="left")
-        hi = np.searchsorted(self.keys, self._key(users, times), side="left" if strict else "right")
-        hi = np.where(users < 0, lo, hi)
-        return lo, hi
-
-
-@dataclass
-class RequestFeatures:
-    """Everything the user tower needs of some requests, as arrays; :meth:`batch` makes
-    tensors of a subset."""
-
-    users: np.ndarray
-    times: np.ndarray
-    context: np.ndarray  # int64 [R, 2]
-    time: np.ndarray  # float32 [R, 4]
-    query_row: np.ndarray  # int64 [R] into query_table; 0 = no query
-    query_table: torch.Tensor  # float32 [Q + 1, query_dim], row 0 zeros
-    first: np.ndarray
-    end: np.ndarray
-    index: EventIndex
-    history_len: int
-    exclude: np.ndarray | None = None
-    """Per request, a position of ``index`` to leave out of its window (its own event)."""
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-    def batch(self, rows: np.ndarray, device: torch.device) -> UserBatch:
-        n_hist = self.history_len
-        end = self.end[rows]
-        slots = n_hist if self.exclude is None else n_hist + 1
-        pos = end[:, None] - slots + np.arange(slots)[None, :]
-        mask = pos >= self.first[rows][:, None]
-        if self.exclude is not None:  # one extra slot: the request's own event is left out
-            mask &= pos != self.exclude[rows][:, None]
-            mask[mask.sum(1) > n_hist, 0] = False
-        pos = np.where(mask, pos, 0)
-        if len(self.index.items):
-            items = self.index.items[pos]
-            gaps = self.times[rows][:, None] - self.index.times[pos]
-        else:
-            items = np.zeros_like(pos)
-            gaps = np.zeros_like(pos)
-        qrow = torch.from_numpy(self.query_row[rows])
-
-        def t(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
-        return UserBatch(
-            users=t(self.users[rows]), hist_items=t(items), hist_mask=t(mask),
-            hist_gap=gap_bucket(np.where(mask, gaps, 0)).to(device), context=t(self.context[rows]),
-            time=t(self.time[rows]), query=self.query_table[qrow].to(device),
-            has_query=(qrow > 0).to(device),
-        )
-
-
-class QueryCache:
-    """Query text -> embedding, encoding each distinct string once."""
-
-    def __init__(self, encode: QueryEncoder | None, dim: int) -> None:
-        self.encode = encode
-        self.dim = dim
-        self.texts: list[str] = []
-        self.rows: dict[str, int] = {}
-        self.vectors = np.zeros((0, dim), np.float32)
-
-    def add(self, texts: Sequence[str], vectors: np.ndarray) -> None:
-        vectors = np.asarray(vectors, np.float32).reshape(len(texts), self.dim)
-        for text in texts:
-            self.rows[text] = len(self.texts)
-            self.texts.append(text)
-        self.vectors = np.concatenate([self.vectors, vectors])
-
-    def lookup(self, queries: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        """(rows [R] with 0 = no query, table [Q + 1, dim]) for an object array of str / None."""
-        if self.dim == 0:
-            return np.zeros(len(queries), np.int64), torch.zeros(1, 0)
-        new = sorted({q for q in queries if q is not None and q not in self.rows})
-        if new:
-            if self.encode is None:
-                raise ValueError(f"{len(new)} queries are not cached and no encode_query is set")
-            vectors = np.asarray(self.encode(new), dtype=np.float32)
-            if vectors.shape != (len(new), self.dim) or not np.isfinite(vectors).all():
-                raise ValueError(f"encode_query returned {vectors.shape} (or non-finite values) "
-                                 f"for {len(new)} queries; expected dim {self.dim}")
-            self.add(new, vectors)
-        rows = np.array([0 if q is None else self.rows[q] + 1 for q in queries], np.int64)
-        table = torch.from_numpy(np.concatenate([np.zeros((1, self.dim), np.float32),
-                                                 self.vectors]))
-        return rows, table
-
-
-def request_features(
-    requests: Requests,
-    index: EventIndex,
-    vocab: ContextVocab,
-    queries: QueryCache,
-    history_len: int,
-    strict: bool,
-    exclude_own: bool = False,
-) -> RequestFeatures:
-    """The user-tower inputs of ``requests`` over the history in ``index``: events before the
-    request time (``strict``) or at or before it; with ``exclude_own`` (training requests, not
-    ``strict``) the request's own event ``(user, time, target)`` is left out."""
-    first, end = index.bounds(requests.user_idx, requests.timestamp, strict)
-    exclude = None
-    if exclude_own:
-        if strict or requests.target is None:
-            raise ValueError("exclude_own needs targets and a non-strict history")
-        exclude = index.position(requests.user_idx, requests.timestamp, requests.target)
-    first = np.maximum(first, end - history_len - (exclude is not None))
-    rows, table = queries.lookup(requests.query)
-    return RequestFeatures(
-        users=np.asarray(requests.user_idx, np.int64), times=np.asarray(requests.timestamp,
-                                                                         np.int64),
-        context=vocab.ids(requests), time=time_features(requests.timestamp), query_row=rows,
-        query_table=table, first=first, end=end, index=index, history_len=history_len,
-        exclude=exclude,
-    )
 
 
 # ---------------------------------------------------------------------------------- results
@@ -502,6 +339,136 @@ def sampled_softmax_loss(
     return F.cross_entropy(logits, torch.arange(b, device=users.device))
 
 
+class FusionLoss(torch.nn.Module):
+    """The sampled-softmax loss of a batch (module docstring) as a module, so that DDP
+    (``ray.train.torch.prepare_model``) sees it go through ``forward``; unwrapped in-process."""
+
+    def __init__(self, model: FusionModel, log_q: torch.Tensor, temperature: float) -> None:
+        super().__init__()
+        self.model = model
+        self.log_q = log_q  # [n_items], a constant (not a parameter or buffer)
+        self.temperature = temperature
+
+    def forward(self, batch: UserBatch, pos: torch.Tensor, neg: torch.Tensor,
+                gen: torch.Generator) -> torch.Tensor:
+        model = self.model
+        cand_ids = torch.cat([pos, neg])
+        wanted = torch.cat([cand_ids, batch.hist_items.flatten()]) if model.spec.behaviour \
+            else cand_ids
+        uniq, inv = torch.unique(wanted, return_inverse=True)
+        emb = model.item_tower(uniq, gen)[inv]
+        hist = (emb[len(cand_ids):].view(len(pos), batch.hist_items.shape[1], -1)
+                if model.spec.behaviour else None)
+        users = model.user_tower(batch, hist)
+        return sampled_softmax_loss(users, emb[: len(cand_ids)], cand_ids, pos, self.log_q,
+                                    self.temperature)
+
+
+def fusion_epoch(
+    loss_fn: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    feats: RequestFeatures,
+    targets: torch.Tensor,
+    order: np.ndarray,
+    batch_size: int,
+    negatives: int,
+    cdf: np.ndarray,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    device: torch.device,
+    desc: str = "",
+    progress: bool = False,
+) -> float:
+    """One epoch of optimizer steps over the requests ``order`` (batches of ``batch_size``, a
+    last batch of one row skipped), ``negatives`` items drawn per batch from ``cdf`` with
+    ``rng``; returns the mean loss. The single training step of both the in-process trainer and
+    the Ray Train workers (``loss_fn`` DDP-wrapped, ``order`` the worker's shard)."""
+    n_items = len(cdf)
+    total, seen = 0.0, 0
+    bar = tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False)
+    for lo in bar:
+        rows = order[lo : lo + batch_size]
+        if len(rows) < 2:
+            continue
+        batch = feats.batch(rows, device)
+        pos = targets[torch.from_numpy(rows).to(device)]
+        neg = torch.from_numpy(np.searchsorted(cdf, rng.random(negatives), side="right")
+                               .clip(0, n_items - 1)).to(device)
+        loss = loss_fn(batch, pos, neg, gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(rows)
+        seen += len(rows)
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    return total / max(seen, 1)
+
+
+@dataclass
+class FusionTraining:
+    """Everything the training loop needs, prepared once (in-process, or on the Ray driver and
+    shipped to the workers)."""
+
+    modalities: tuple[str, ...]
+    vocab: ContextVocab
+    queries: QueryCache
+    feats: RequestFeatures
+    target: np.ndarray  # int64 [R]
+    log_q: np.ndarray  # float32 [n_items]
+    cdf: np.ndarray  # float64 [n_items]
+    valid_feats: RequestFeatures | None
+
+
+def prepare_fusion(
+    split: Split,
+    inputs: FusionInputs,
+    cfg: FusionConfig,
+    modalities: Collection[str] = MODALITIES,
+    same_time_history: bool = False,
+) -> FusionTraining:
+    """Training requests and their features, the sampling distribution and the validation
+    features (see the module docstring)."""
+    unknown = set(modalities) - set(MODALITIES)
+    if unknown:
+        raise ValueError(f"unknown modalities {sorted(unknown)} (known: {', '.join(MODALITIES)})")
+    mods = tuple(m for m in MODALITIES if m in set(modalities))
+    train = split.train
+    if len(train) == 0:
+        raise ValueError("split.train has no events to train on")
+    vocab = ContextVocab.fit(train)
+    requests = Requests.from_events(train)
+    queries = _query_cache(inputs, requests, mods)
+    feats = request_features(requests, EventIndex(train), vocab, queries, cfg.history_len,
+                             strict=not same_time_history, exclude_own=same_time_history)
+    target = np.array(requests.target, dtype=np.int64)  # from_events always sets it
+    counts = np.bincount(target, minlength=split.n_items).astype(np.float64)
+    prob = counts / counts.sum()
+    log_q = np.log(np.where(prob > 0, prob, 1.0)).astype(np.float32)
+    cdf = np.cumsum(prob)
+    cdf /= cdf[-1]
+    valid_feats = None
+    if len(split.valid) > 0:
+        valid_feats = request_features(requests_for_targets(split.valid),
+                                       EventIndex(split.history("valid")), vocab, queries,
+                                       cfg.history_len, strict=False)
+    return FusionTraining(mods, vocab, queries, feats, target, log_q, cdf, valid_feats)
+
+
+def validation_value(
+    result: FusionResult, feats: RequestFeatures, split: Split, eval_cfg: EvalConfig
+) -> float:
+    """``eval_cfg.main_metric`` of the validation requests (the project's judge, no bootstrap)."""
+    res = evaluate(result._scorer(feats), split, "valid", eval_cfg.model_copy(
+        update={"bootstrap": 0}), name="fusion", progress=False)
+    return float(res.metrics[eval_cfg.main_metric])
+
+
+def log_epoch(record: FusionEpoch, metric: str) -> None:
+    shown = "" if record.valid is None else f" valid {metric} {record.valid:.4f}"
+    tqdm.write(f"fusion epoch {record.epoch}: loss {record.loss:.4f}{shown} ({record.seconds:.1f}"
+               f" s + {record.eval_seconds:.1f} s eval)")
+
+
 def train_fusion(
     split: Split,
     inputs: FusionInputs,
@@ -522,95 +489,38 @@ def train_fusion(
     same-day purchases share a timestamp, it raised text-only test NDCG@10 from 0.034 to 0.043
     (20 epochs; same-time users 0.032 -> 0.050)."""
     device = torch.device(cfg.device)
-    unknown = set(modalities) - set(MODALITIES)
-    if unknown:
-        raise ValueError(f"unknown modalities {sorted(unknown)} (known: {', '.join(MODALITIES)})")
-    modalities = tuple(m for m in MODALITIES if m in set(modalities))
-    train = split.train
-    if len(train) == 0:
-        raise ValueError("split.train has no events to train on")
-    vocab = ContextVocab.fit(train)
-    requests = Requests.from_events(train)
-    queries = _query_cache(inputs, requests, modalities)
-    model = build_model(split, inputs, cfg, modalities, vocab, queries.dim)
-    result = FusionResult(model, cfg, vocab, modalities, queries, metric=eval_cfg.main_metric,
-                          same_time_history=same_time_history)
-
-    feats = request_features(requests, EventIndex(train), vocab, queries, cfg.history_len,
-                             strict=not same_time_history, exclude_own=same_time_history)
-    target = np.array(requests.target, dtype=np.int64)  # from_events always sets it
-    targets = torch.from_numpy(target).to(device)
-    counts = np.bincount(target, minlength=split.n_items).astype(np.float64)
-    prob = counts / counts.sum()
-    log_q = torch.from_numpy(np.log(np.where(prob > 0, prob, 1.0))).float().to(device)
-    cdf = np.cumsum(prob)
-    cdf /= cdf[-1]
-
-    validate = len(split.valid) > 0
-    valid_feats = None
-    if validate:
-        valid_feats = result.features(requests_for_targets(split.valid), split.history("valid"))
-    valid_cfg = eval_cfg.model_copy(update={"bootstrap": 0})
-
+    prep = prepare_fusion(split, inputs, cfg, modalities, same_time_history)
+    model = build_model(split, inputs, cfg, prep.modalities, prep.vocab, prep.queries.dim)
+    result = FusionResult(model, cfg, prep.vocab, prep.modalities, prep.queries,
+                          metric=eval_cfg.main_metric, same_time_history=same_time_history)
+    targets = torch.from_numpy(prep.target).to(device)
+    loss_fn = FusionLoss(model, torch.from_numpy(prep.log_q).to(device), cfg.temperature)
+    validate = prep.valid_feats is not None
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = len(requests)
+    n = len(prep.target)
     best_state = _state(model)
-    bad = 0
+    stopper = EarlyStopping(cfg.patience, validate)
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         model.train()
-        perm = rng.permutation(n)
-        total, seen = 0.0, 0
-        bar = tqdm(range(0, n, cfg.batch_size), desc=f"fusion epoch {epoch}",
-                   disable=not progress, leave=False)
-        for lo in bar:
-            rows = perm[lo : lo + cfg.batch_size]
-            if len(rows) < 2:
-                continue
-            batch = feats.batch(rows, device)
-            pos = targets[torch.from_numpy(rows).to(device)]
-            neg = torch.from_numpy(np.searchsorted(cdf, rng.random(cfg.negatives), side="right")
-                                   .clip(0, split.n_items - 1)).to(device)
-            cand_ids = torch.cat([pos, neg])
-            wanted = torch.cat([cand_ids, batch.hist_items.flatten()]) if model.spec.behaviour \
-                else cand_ids
-            uniq, inv = torch.unique(wanted, return_inverse=True)
-            emb = model.item_tower(uniq, gen)[inv]
-            hist = (emb[len(cand_ids):].view(len(rows), batch.hist_items.shape[1], -1)
-                    if model.spec.behaviour else None)
-            users = model.user_tower(batch, hist)
-            loss = sampled_softmax_loss(users, emb[: len(cand_ids)], cand_ids, pos, log_q,
-                                        cfg.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(rows)
-            seen += len(rows)
-            bar.set_postfix(loss=f"{total / seen:.4f}")
+        loss = fusion_epoch(loss_fn, optimizer, prep.feats, targets, rng.permutation(n),
+                            cfg.batch_size, cfg.negatives, prep.cdf, rng, gen, device,
+                            f"fusion epoch {epoch}", progress)
         seconds = time.perf_counter() - start
-        record = FusionEpoch(epoch, total / max(seen, 1), None, seconds)
+        record = FusionEpoch(epoch, loss, None, seconds)
         start = time.perf_counter()
-        if valid_feats is not None:
-            res = evaluate(result._scorer(valid_feats), split, "valid", valid_cfg,
-                           name="fusion", progress=False)
-            record.valid = res.metrics[eval_cfg.main_metric]
+        if prep.valid_feats is not None:
+            record.valid = validation_value(result, prep.valid_feats, split, eval_cfg)
         record.eval_seconds = time.perf_counter() - start
         result.history.append(record)
-        improved = record.valid is None or result.best_valid is None \
-            or record.valid > result.best_valid
-        if improved:
-            result.best_valid, result.best_epoch, best_state, bad = (
-                record.valid, epoch, _state(model), 0)
-        else:
-            bad += 1
+        if stopper.update(epoch, record.valid):
+            best_state = _state(model)
+        result.best_valid, result.best_epoch = stopper.best_value, stopper.best_epoch
         if progress:
-            shown = "" if record.valid is None else \
-                f" valid {eval_cfg.main_metric} {record.valid:.4f}"
-            tqdm.write(f"fusion epoch {epoch}: loss {record.loss:.4f}{shown} ({seconds:.1f} s "
-                       f"+ {record.eval_seconds:.1f} s eval)")
-        if validate and bad >= cfg.patience:
+            log_epoch(record, eval_cfg.main_metric)
+        if stopper.stop:
             break
     model.load_state_dict({k: v.to(device) for k, v in best_state.items()})
     model.eval()

@@ -40,7 +40,13 @@ def run_graph_stage(
     for name in cfg.graph.models:
         train_cfg = cfg.graph.lightgcn if name == "lightgcn" else cfg.graph.kg
         model_dir = out_dir / name
-        result = train_graph_model(name, kg, split, train_cfg, cfg.eval, model_dir, progress)
+        if cfg.ray.address is not None and "graph" in cfg.ray.stages:
+            from kgrank.distributed.train_graph import train_graph_model_ray
+
+            result = train_graph_model_ray(name, kg, split, train_cfg, cfg.eval, model_dir,
+                                           cfg.ray, progress, cfg.output_dir)
+        else:
+            result = train_graph_model(name, kg, split, train_cfg, cfg.eval, model_dir, progress)
         save_embeddings(result, model_dir, item_ids=list(dataset.items["item_id"]),
                         user_ids=list(dataset.users["user_id"]))
         test = evaluate(result.score, split, "test", cfg.eval, name=name, progress=progress)

@@ -21,6 +21,10 @@ graph PLUS the validation interactions (``kg.with_interactions(valid users, vali
 to rank their test item, the same information the baselines get when refitted on train + valid.
 Test interactions never enter any graph.
 
+The per-epoch step (:func:`bpr_epoch` over :class:`BPRLoss`), the early stopping
+(:class:`EarlyStopping`) and the final propagation (:func:`finish_result`) are shared with the Ray
+Train runner (:mod:`kgrank.distributed.train_graph`), which wraps the loss module in DDP.
+
 Checkpoints: ``out_dir/checkpoints/epoch_NNN.safetensors`` after every epoch (the last two are
 kept) and ``out_dir/best.safetensors``; all written to a temporary name and renamed (atomic), in
 safetensors format (no pickle).
@@ -167,6 +171,116 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
 
 
+class BPRLoss(torch.nn.Module):
+    """:func:`bpr_loss` as a module, so that DDP (``ray.train.torch.prepare_model``) sees the
+    loss go through ``forward`` and all-reduces the gradients of ``model``; used unwrapped by the
+    in-process trainer. ``g`` is the propagation graph (not a parameter or buffer)."""
+
+    def __init__(self, model: GraphModel, g: Any, reg: float) -> None:
+        super().__init__()
+        self.model = model
+        self.g = g
+        self.reg = reg
+
+    def forward(self, u: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return bpr_loss(self.model, self.g, u, i, j, self.reg)
+
+
+def bpr_epoch(
+    loss_fn: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    triples: tuple[np.ndarray, np.ndarray, np.ndarray],
+    batch_size: int,
+    device: torch.device,
+    desc: str = "",
+    progress: bool = False,
+) -> float:
+    """One epoch of BPR steps over ``triples`` (u, i, j) in order, ``batch_size`` at a time;
+    returns the mean loss. The single training step of both the in-process trainer and the Ray
+    Train workers (where ``loss_fn`` is the DDP-wrapped :class:`BPRLoss` and ``triples`` the
+    worker's shard, of the same length on every worker)."""
+    users, pos, neg = (torch.from_numpy(a).to(device) for a in triples)
+    n, total = len(users), 0.0
+    bar = tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False)
+    for lo in bar:
+        sl = slice(lo, lo + batch_size)
+        loss = loss_fn(users[sl], pos[sl], neg[sl])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(users[sl])
+        bar.set_postfix(loss=f"{total / min(lo + batch_size, n):.4f}")
+    return total / max(n, 1)
+
+
+@dataclass
+class EarlyStopping:
+    """Best validation value so far and validations without gain (stop at ``patience``).
+
+    Without validation (``validate`` False) every epoch counts as an improvement, so the last
+    weights are kept. Serialisable with :func:`dataclasses.asdict` (checkpoints)."""
+
+    patience: int
+    validate: bool = True
+    best_value: float | None = None
+    best_epoch: int = 0
+    bad: int = 0
+
+    def update(self, epoch: int, value: float | None) -> bool:
+        """Record an epoch's validation value (None: not validated); True when it is the new
+        best."""
+        improved = not self.validate or (
+            value is not None and (self.best_value is None or value > self.best_value))
+        if improved:
+            self.best_value, self.best_epoch, self.bad = value, epoch, 0
+        elif value is not None:
+            self.bad += 1
+        return improved
+
+    @property
+    def stop(self) -> bool:
+        return self.validate and self.bad >= self.patience
+
+
+def validation_value(
+    model: GraphModel, g: Any, split: Split, cfg: GraphTrainConfig, valid_cfg: EvalConfig,
+    name: str,
+) -> float:
+    """``cfg.eval_metric`` of the model on the validation part (the project's judge)."""
+    res = evaluate(scorer(model, g), split, "valid", valid_cfg, name=name, progress=False)
+    return float(res.metrics[cfg.eval_metric])
+
+
+def finish_result(
+    name: ModelName,
+    model: GraphModel,
+    kg: KnowledgeGraph,
+    split: Split,
+    cfg: GraphTrainConfig,
+    g: Any,
+    best_state: dict[str, torch.Tensor],
+    history: list[EpochRecord],
+    stopper: EarlyStopping,
+) -> GraphModelResult:
+    """Load the best weights and propagate them over the training graph (validation-time) and
+    over train + validation interactions (test-time); shared by the in-process and Ray paths."""
+    device = torch.device(cfg.device)
+    model.load_state_dict({k: v.to(device) for k, v in best_state.items()})
+    model.eval()
+    valid_user, valid_item = (t.cpu() for t in propagate(model, g))
+    g_test: Any = model.graph(inference_graph(kg, split), cfg.weighted)
+    entity: torch.Tensor | None = None
+    with torch.no_grad():
+        if isinstance(model, KGModel):
+            user, nodes = model.propagate_all(g_test)
+            item, entity = nodes[: kg.n_items], nodes[kg.n_items :].cpu()
+        else:
+            user, item = model.propagate(g_test)
+    return GraphModelResult(name, user.cpu(), item.cpu(), entity, history, stopper.best_epoch,
+                            stopper.best_value, cfg.eval_metric, cfg, model, valid_user,
+                            valid_item)
+
+
 def _state(model: GraphModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
 
@@ -220,74 +334,52 @@ def train_graph_model(
                          split.n_users, split.n_items)
     rng = np.random.default_rng(cfg.seed)
     optimizer = make_optimizer(model, cfg.lr)
+    loss_fn = BPRLoss(model, g, cfg.reg)
     validate = len(split.valid) > 0
     valid_cfg = _metric_eval_config(eval_cfg, cfg.eval_metric)
     ckpt_dir = None if out_dir is None else Path(out_dir) / "checkpoints"
     history: list[EpochRecord] = []
-    best_value: float | None = None
-    best_epoch, best_state, bad = 0, _state(model), 0
+    stopper = EarlyStopping(cfg.patience, validate)
+    best_state = _state(model)
     meta = {"model": name, "config": cfg.model_dump_json()}
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         model.train()
-        users, pos, neg = (torch.from_numpy(a).to(device) for a in sampler.sample(rng))
-        n, total = len(users), 0.0
-        bar = tqdm(range(0, n, cfg.batch_size), desc=f"{name} epoch {epoch}",
-                   disable=not progress, leave=False)
-        for lo in bar:
-            sl = slice(lo, lo + cfg.batch_size)
-            loss = bpr_loss(model, g, users[sl], pos[sl], neg[sl], cfg.reg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(users[sl])
-            bar.set_postfix(loss=f"{total / min(lo + cfg.batch_size, n):.4f}")
+        loss = bpr_epoch(loss_fn, optimizer, sampler.sample(rng), cfg.batch_size, device,
+                         f"{name} epoch {epoch}", progress)
         seconds = time.perf_counter() - start
         model.eval()
-        record = EpochRecord(epoch, total / max(n, 1), None, seconds)
+        record = EpochRecord(epoch, loss, None, seconds)
         start = time.perf_counter()
         if on_epoch is not None:
             record.extra = dict(on_epoch(epoch, scorer(model, g)) or {})
         if validate and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            res = evaluate(scorer(model, g), split, "valid", valid_cfg, name=name,
-                           progress=False)
-            record.valid = res.metrics[cfg.eval_metric]
+            record.valid = validation_value(model, g, split, cfg, valid_cfg, name)
         record.eval_seconds = time.perf_counter() - start
         history.append(record)
-        improved = not validate or (
-            record.valid is not None and (best_value is None or record.valid > best_value))
+        improved = stopper.update(epoch, record.valid)
         if improved:
-            best_value, best_epoch, best_state, bad = record.valid, epoch, _state(model), 0
-        elif record.valid is not None:
-            bad += 1
-        state = _state(model) if ckpt_dir is not None else {}
+            best_state = _state(model)
         if ckpt_dir is not None:
             epoch_meta = {**meta, "epoch": str(epoch)}
-            save_state(state, ckpt_dir / f"epoch_{epoch:03d}.safetensors", epoch_meta)
+            save_state(_state(model), ckpt_dir / f"epoch_{epoch:03d}.safetensors", epoch_meta)
             for old in sorted(ckpt_dir.glob("epoch_*.safetensors"))[:-2]:
                 old.unlink()
             if improved:
                 save_state(best_state, ckpt_dir.parent / "best.safetensors", epoch_meta)
         if progress:
-            shown = "" if record.valid is None else f" valid {cfg.eval_metric} {record.valid:.4f}"
-            extra = "".join(f" {k} {v:.4f}" for k, v in record.extra.items())
-            tqdm.write(f"{name} epoch {epoch}: loss {record.loss:.4f}{shown}{extra} "
-                       f"({seconds:.1f} s)")
-        if validate and bad >= cfg.patience:
+            log_epoch(name, record, cfg.eval_metric)
+        if stopper.stop:
             break
-    model.load_state_dict({k: v.to(device) for k, v in best_state.items()})
-    model.eval()
-    valid_user, valid_item = (t.cpu() for t in propagate(model, g))
-    g_test: Any = model.graph(inference_graph(kg, split), cfg.weighted)
-    entity: torch.Tensor | None = None
-    with torch.no_grad():
-        if isinstance(model, KGModel):
-            user, nodes = model.propagate_all(g_test)
-            item, entity = nodes[: kg.n_items], nodes[kg.n_items :].cpu()
-        else:
-            user, item = model.propagate(g_test)
-    return GraphModelResult(name, user.cpu(), item.cpu(), entity, history, best_epoch, best_value,
-                            cfg.eval_metric, cfg, model, valid_user, valid_item)
+    return finish_result(name, model, kg, split, cfg, g, best_state, history, stopper)
+
+
+def log_epoch(name: str, record: EpochRecord, metric: str) -> None:
+    """One progress line per epoch."""
+    shown = "" if record.valid is None else f" valid {metric} {record.valid:.4f}"
+    extra = "".join(f" {k} {v:.4f}" for k, v in record.extra.items())
+    tqdm.write(f"{name} epoch {record.epoch}: loss {record.loss:.4f}{shown}{extra} "
+               f"({record.seconds:.1f} s)")
 
 
 def save_embeddings(

@@ -41,11 +41,18 @@ from kgrank.features.history import request_history
 from kgrank.features.requests import Requests, requests_for_targets
 from kgrank.ranking.candidates import Candidates, full_scores, generate_candidates
 from kgrank.ranking.ltr import LTRModel
-from kgrank.ranking.table import MODALITY_FAMILIES, PartFeatures, TokenIndex
+from kgrank.ranking.table import (
+    MODALITY_FAMILIES,
+    PartFeatures,
+    TokenIndex,
+    item_tokens_text,
+)
 
 log = logging.getLogger("kgrank")
 
 FULL = "fusion+ltr"
+USER_INDEPENDENT = frozenset({"popularity"})
+"""Baselines whose scores do not depend on the user (kept for cold-start requests)."""
 
 
 @dataclass
@@ -88,12 +95,13 @@ class _PartData:
     row_of_user: pd.Series
 
 
-def _encode_queries(fn: Callable[[Sequence[str | None]], np.ndarray], queries: np.ndarray
-                    ) -> np.ndarray:
-    """Embed each distinct query once; rows without a query stay zero."""
+def _encode_queries(fn: Callable[[Sequence[str | None]], np.ndarray], queries: np.ndarray,
+                    dim: int = 1) -> np.ndarray:
+    """Embed each distinct query once; rows without a query stay zero (``dim`` columns when no
+    row has a query)."""
     distinct = sorted({q for q in queries if q is not None})
     if not distinct:
-        return np.zeros((len(queries), 1), np.float32)
+        return np.zeros((len(queries), dim), np.float32)
     emb = np.asarray(fn(distinct), dtype=np.float32)
     out = np.zeros((len(queries), emb.shape[1]), np.float32)
     where = {q: i for i, q in enumerate(distinct)}
@@ -119,9 +127,14 @@ class RankingStage:
         if self.demographics is not None and not (self.demographics.numeric_names
                                                   or self.demographics.categorical_names):
             self.demographics = None
-        self.tokens = TokenIndex.build(inputs.item_texts) if inputs.item_texts else None
+        self.tokens = (TokenIndex.build(item_tokens_text(inputs.item_texts, dataset.items,
+                                                         self.rc.attributes))
+                       if inputs.item_texts else None)
         self.fusion_item = (None if inputs.fusion is None
                             else np.asarray(inputs.fusion.item_emb(), np.float32))
+        self.keep_fitted = False
+        """Serving hook: keep what :meth:`build_part` fits on a part's history between calls."""
+        self._fit_cache: dict[tuple[str, str], Any] = {}
 
     # -- building a part -------------------------------------------------------------------
 
@@ -137,23 +150,59 @@ class RankingStage:
             emb[f"graph_{name}"] = (item / np.maximum(norms, 1e-12), "graph")
         return emb
 
-    def build_part(self, part: Part) -> _PartData:
+    def _fitted(self, part: Part, key: str, make: Callable[[], Any]) -> Any:
+        """``make()``, kept per (part, key) when ``self.keep_fitted`` (serving hook: many small
+        request batches are built against one part, so its history-fitted models are fitted
+        once)."""
+        if not self.keep_fitted:
+            return make()
+        if (part, key) not in self._fit_cache:
+            self._fit_cache[(part, key)] = make()
+        return self._fit_cache[(part, key)]
+
+    def _own_history(self, part: Part, history: pd.DataFrame, users: np.ndarray
+                     ) -> pd.DataFrame:
+        """The rows of ``history`` whose user is one of ``users`` (original order)."""
+        def index() -> tuple[np.ndarray, np.ndarray]:
+            h_users = history["user_idx"].to_numpy(dtype=np.int64)
+            order = np.argsort(h_users, kind="stable")
+            return order, h_users[order]
+
+        order, sorted_users = self._fitted(part, "history_by_user", index)
+        wanted = np.unique(users[users >= 0])
+        lo = np.searchsorted(sorted_users, wanted, side="left")
+        hi = np.searchsorted(sorted_users, wanted, side="right")
+        rows = np.sort(np.concatenate([order[a:b] for a, b in zip(lo, hi, strict=True)]
+                                      + [np.zeros(0, np.int64)]))
+        return history.iloc[rows]
+
+    def build_part(self, part: Part, requests: Requests | None = None) -> _PartData:
+        """Requests, features and candidates of ``part``: by default one request per user with
+        targets in the part; ``requests`` (serving hook) scores other requests against the same
+        history. Unknown users (``user_idx`` -1) get no per-user source scores (cold start)."""
         from kgrank.features.behaviour import FEATURE_FAMILIES, BehaviourFeatures
 
         t0 = time.perf_counter()
         split, n_items = self.split, self.split.n_items
-        history = split.history(part)
-        requests = requests_for_targets(split.targets(part))
+        history = self._fitted(part, "history", lambda: split.history(part))
+        if requests is None:
+            requests = requests_for_targets(split.targets(part))
         query_emb: dict[str, np.ndarray] = {}
         embeddings = self._embeddings(part)
         if self.inputs.encode_query_text is not None and "text" in embeddings:
-            query_emb["text"] = _encode_queries(self.inputs.encode_query_text, requests.query)
+            query_emb["text"] = _encode_queries(self.inputs.encode_query_text, requests.query,
+                                                embeddings["text"][0].shape[1])
         if self.inputs.encode_query_image is not None and "image" in embeddings:
-            query_emb["image"] = _encode_queries(self.inputs.encode_query_image, requests.query)
-        behaviour = BehaviourFeatures.fit(history, self.dataset.items, split.n_users, n_items,
-                                          history_len=self.rc.history_len,
-                                          half_life=self.rc.half_life)
-        feats = PartFeatures(requests, request_history(requests, history), n_items, embeddings,
+            query_emb["image"] = _encode_queries(self.inputs.encode_query_image, requests.query,
+                                                 embeddings["image"][0].shape[1])
+        behaviour = self._fitted(part, "behaviour", lambda: BehaviourFeatures.fit(
+            history, self.dataset.items, split.n_users, n_items,
+            history_len=self.rc.history_len, half_life=self.rc.half_life,
+            attributes=self.rc.attributes, session_gap_s=self.rc.session_gap_s))
+        # per-request inputs read only the requesting users' events (identical results); serving
+        # passes just those rows instead of scanning the part's whole history per request
+        own = self._own_history(part, history, requests.user_idx) if self.keep_fitted else history
+        feats = PartFeatures(requests, request_history(requests, own), n_items, embeddings,
                              query_emb, self.tokens, self.vocab, self.demographics, behaviour,
                              FEATURE_FAMILIES, self.rc.half_life, self.rc.history_len)
         users = requests.user_idx
@@ -164,8 +213,16 @@ class RankingStage:
         def add(name: str, fn: Callable[[np.ndarray], torch.Tensor], group: str) -> None:
             (sources if group in wanted else extra)[name] = fn
 
-        def by_user(model: Recommender) -> Callable[[np.ndarray], torch.Tensor]:
-            return lambda rows: model.score(users[rows])
+        cold = torch.from_numpy(users < 0)
+
+        def known(fn: Callable[[np.ndarray], torch.Tensor]) -> Callable[[np.ndarray], torch.Tensor]:
+            return lambda rows: fn(rows).masked_fill(
+                cold[torch.from_numpy(np.asarray(rows))][:, None], -torch.inf)
+
+        def by_user(model: Recommender, per_user: bool = True
+                    ) -> Callable[[np.ndarray], torch.Tensor]:
+            fn = lambda rows: model.score(np.maximum(users[rows], 0))  # noqa: E731
+            return known(fn) if per_user else fn
 
         def dot(user: torch.Tensor, item_t: torch.Tensor) -> Callable[[np.ndarray], torch.Tensor]:
             return lambda rows: user[torch.from_numpy(np.asarray(rows))] @ item_t
@@ -173,17 +230,22 @@ class RankingStage:
         def profile(name: str) -> Callable[[np.ndarray], torch.Tensor]:
             return lambda rows: feats.profile_scores(name, rows)
 
+        def fit(make: Callable[..., Any], params: dict[str, Any]) -> Callable[[], Any]:
+            return lambda: make(**params).fit(history, split.n_users, n_items)
+
         for name, (make, params) in self.inputs.baselines.items():
-            add(name, by_user(make(**params).fit(history, split.n_users, n_items)), name)
+            model = self._fitted(part, name, fit(make, params))
+            add(name, by_user(model, per_user=name not in USER_INDEPENDENT), name)
         for name, res in self.inputs.graph.items():
             u, i = res.embeddings(part)
-            add(name, dot(u[torch.from_numpy(users.copy())], i.T.contiguous()), "graph")
+            add(name, known(dot(u[torch.from_numpy(np.maximum(users, 0))], i.T.contiguous())),
+                "graph")
         if self.inputs.fusion is not None and self.fusion_item is not None:
-            uvec = np.asarray(self.inputs.fusion.user_vectors(requests, history), np.float32)
+            uvec = np.asarray(self.inputs.fusion.user_vectors(requests, own), np.float32)
             add("fusion", dot(torch.from_numpy(uvec), torch.from_numpy(self.fusion_item.T.copy())),
                 "fusion")
         for fam, variant in self.inputs.fusion_without.items():
-            uv = np.asarray(variant.user_vectors(requests, history), np.float32)
+            uv = np.asarray(variant.user_vectors(requests, own), np.float32)
             it = torch.from_numpy(np.asarray(variant.item_emb(), np.float32).T.copy())
             extra[f"fusion_without_{fam}"] = dot(torch.from_numpy(uv), it)
         for name in ("text", "image"):
@@ -191,7 +253,7 @@ class RankingStage:
                 add(name, profile(name), name)
         if "text" in query_emb:
             add("query", feats.query_scores, "query")
-        exclude = user_items_csr(history, users)  # what the evaluator masks
+        exclude = user_items_csr(own, users)  # what the evaluator masks
         cands = generate_candidates(sources, np.arange(len(requests)), exclude, self.rc.candidates,
                                     batch_size=self.cfg.eval.batch_size, progress=self.progress,
                                     extra=extra)
@@ -276,14 +338,26 @@ class RankingStage:
         for key, cols in self.feature_sets(names, fam).items():
             t0 = time.perf_counter()
             sub = [names[j] for j in cols]
-            model = LTRModel().fit(x_all[:, cols], y_all, group, sub, {n: fam[n] for n in sub},
-                                   self.rc.ltr, self.k, progress=self.progress)
+            model = self.fit_ltr(x_all[:, cols], y_all, group, sub, {n: fam[n] for n in sub})
             models[key] = model
             log.info("ltr %s: %d features, trained in %.1fs", key, len(cols),
                      time.perf_counter() - t0)
             if not self.rc.ablations:
                 break
         return models, names, fam, info
+
+    def fit_ltr(self, x: np.ndarray, y: np.ndarray, group: np.ndarray, names: list[str],
+                fam: Mapping[str, str]) -> LTRModel:
+        """One LambdaRank model: in-process, or data-parallel LightGBM on Ray (whole query groups
+        per worker) when ``ray.address`` is set and ``ranking`` is among ``ray.stages``."""
+        ray_cfg = self.cfg.ray
+        if ray_cfg.address is not None and "ranking" in ray_cfg.stages:
+            from kgrank.distributed.ltr import fit_ltr_ray  # imports Ray: only when configured
+
+            return fit_ltr_ray(x, y, group, names, fam, self.rc.ltr, self.k, ray_cfg,
+                               output_dir=self.cfg.output_dir)
+        return LTRModel().fit(x, y, group, names, fam, self.rc.ltr, self.k,
+                              progress=self.progress)
 
     def predict(self, data: _PartData, models: Mapping[str, LTRModel], names: list[str],
                 fam: Mapping[str, str], n_explain: int = 50

@@ -29,10 +29,11 @@ artifacts fitted on the part's history; never from the target.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
@@ -97,6 +98,18 @@ class TokenIndex:
         qmat = sp.csr_matrix((np.asarray(vals, np.float32), (rows, cols)),
                              shape=(len(queries), self.item_tokens.shape[1]))
         return (qmat @ self.item_tokens.T).tocsr()
+
+
+def item_tokens_text(texts: Sequence[str], items: pd.DataFrame, attributes: Sequence[str]
+                     ) -> list[str]:
+    """Each item's text followed by its values of the ``attributes`` columns (what a query is
+    matched against: a shopper may ask for "linen" although the title does not say it)."""
+    if not attributes:
+        return list(texts)
+    if len(texts) != len(items):
+        raise ValueError(f"{len(texts)} item texts for {len(items)} items")
+    values = [[v if isinstance(v, str) else "" for v in items[c].tolist()] for c in attributes]
+    return [" ".join(w for w in (t, *(col[i] for col in values)) if w) for i, t in enumerate(texts)]
 
 
 def _normalize_rows(mat: np.ndarray) -> np.ndarray:

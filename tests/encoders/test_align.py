@@ -283,7 +283,7 @@ def test_save_load_round_trip(
         load_aligned(fresh, tampered)
 
     # ImageEncoder(aligned=...) with the tiny model standing in for the offline one
-    monkeypatch.setattr(image_mod, "build_offline_clip", lambda: tiny_clip(bert_dir))
+    monkeypatch.setattr(image_mod, "build_offline_clip", lambda **_: tiny_clip(bert_dir))
     plain = image_mod.ImageEncoder(batch_size=4)
     enc = image_mod.ImageEncoder(batch_size=4, aligned=out)
     assert enc.encoder_id != plain.encoder_id and "lit-aligned@" in enc.encoder_id

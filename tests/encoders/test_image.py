@@ -152,3 +152,17 @@ def test_empty_input(encoder: ImageEncoder) -> None:
     emb, mask = encoder.encode_paths([])
     assert emb.shape == (0, 384) and mask.shape == (0,)
     assert encoder.failures == []
+
+
+def test_image_size_sets_resolution_and_cache_key(encoder: ImageEncoder) -> None:
+    small = ImageEncoder(batch_size=2, image_size=96)
+    assert "img96x96" in small.encoder_id and small.encoder_id != encoder.encoder_id
+    good = [_photo(a) for a in list(PHOTOS)[:2]]
+    emb, mask = small.encode_paths(good)
+    assert mask.all() and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    full, _ = encoder.encode_paths(good)
+    # same trunk at another resolution: not the 224 px embedding, but each photo stays nearer
+    # to its own 224 px embedding than to the other photo's
+    assert not np.allclose(emb, full, atol=1e-4)
+    sim = emb @ full.T
+    assert sim[0, 0] > sim[0, 1] and sim[1, 1] > sim[1, 0]

@@ -64,9 +64,13 @@ def _requests(users: list[int], times: list[int], device: list[str | None] | Non
 
 
 def _fit(history: pd.DataFrame, items: pd.DataFrame = ITEMS, n_users: int = 4,
-         half_life: float = 1.0) -> BehaviourFeatures:
+         half_life: float = 1.0, attributes: tuple[str, ...] = ()) -> BehaviourFeatures:
     return BehaviourFeatures.fit(history, items, n_users, len(items), history_len=20,
-                                 half_life=half_life)
+                                 half_life=half_life, attributes=attributes)
+
+
+# a categorical attribute column with a missing value and a non-string value
+COLOURED = ITEMS.assign(colour=["red", "red", "blue", None, "blue", 3])
 
 
 ALL = np.arange(6, dtype=np.int64)
@@ -125,7 +129,8 @@ def test_events_after_the_request_change_no_request_time_feature() -> None:
                     location=["Berlin", "Paris", "Paris", None])
     cand = np.array([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [0, 2, 3, 1, -1, -1],
                      [3, 3, 0, 1, 2, 4]])
-    base = _fit(_history(TOY)).transform(req, cand)
+    base = _fit(_history(TOY), COLOURED, attributes=("colour",)).transform(req, cand)
+    assert "attr_colour_share" in base and "sess_prev_leaf_trans" in base
     for r in range(len(req)):
         t, user = int(req.timestamp[r]), int(req.user_idx[r])
         future = [
@@ -135,8 +140,9 @@ def test_events_after_the_request_change_no_request_time_feature() -> None:
             (3, 1, t + 2, "mobile", "Berlin", "s7"),
             ((user + 1) % 3, 4, t + DAY, "desktop", "Paris", "s8"),
         ]
-        planted = _fit(_history(TOY + future)).transform(req.take(np.array([r])), cand[r:r + 1])
-        for name in FEATURE_NAMES:
+        planted = _fit(_history(TOY + future), COLOURED, attributes=("colour",)).transform(
+            req.take(np.array([r])), cand[r:r + 1])
+        for name in base:
             if name not in GLOBAL_FEATURES:
                 np.testing.assert_array_equal(base[name][r], planted[name][0], err_msg=name)
 
@@ -177,6 +183,8 @@ def _random_items(rng: np.random.Generator, n_items: int) -> pd.DataFrame:
         "brand": [str(rng.choice(["A", "B", "C"])) if rng.random() < 0.8 else None
                   for _ in range(n_items)],
         "price": np.where(rng.random(n_items) < 0.8, rng.uniform(1, 100, n_items), np.nan),
+        "colour": [str(rng.choice(["red", "blue"])) if rng.random() < 0.8 else None
+                   for _ in range(n_items)],
     })
 
 
@@ -188,16 +196,20 @@ def test_same_time_order_and_item_ids_do_not_matter() -> None:
                     device=[str(rng.choice(["mobile", "desktop"])) for _ in range(n_users)],
                     location=[str(rng.choice(["Berlin", "Paris"])) for _ in range(n_users)])
     cand = np.stack([rng.permutation(n_items)[:12] for _ in range(n_users)])
-    base = BehaviourFeatures.fit(history, items, n_users, n_items, 3, 2.0).transform(req, cand)
+    base = BehaviourFeatures.fit(history, items, n_users, n_items, 3, 2.0, attributes=["colour"],
+                                 session_gap_s=DAY).transform(req, cand)
 
     perm = rng.permutation(n_items)  # old item id -> new item id
     shuffled = history.iloc[rng.permutation(len(history))].reset_index(drop=True)
     shuffled["item_idx"] = perm[shuffled["item_idx"].to_numpy()]
     new_items = items.iloc[np.argsort(perm)].reset_index(drop=True)
-    other = BehaviourFeatures.fit(shuffled, new_items, n_users, n_items, 3, 2.0)
+    other = BehaviourFeatures.fit(shuffled, new_items, n_users, n_items, 3, 2.0,
+                                  attributes=["colour"], session_gap_s=DAY)
     moved = other.transform(req, perm[cand])
-    for name in FEATURE_NAMES:
+    assert list(base) == list(moved) == [*FEATURE_NAMES, "attr_colour_share", "attr_colour_count"]
+    for name in base:
         np.testing.assert_array_equal(base[name], moved[name], err_msg=name)
+    assert (base["sess_prev_leaf_trans"] > 0).any() and (base["attr_colour_share"] > 0).any()
     assert (base["trans_decay"] > 0).any() and (base["cooc_score"] > 0).any()
     assert (base["knn_max"] > 0).any() and (base["price_z"] != 0).any()
 
@@ -232,3 +244,31 @@ def test_every_feature_has_a_family() -> None:
         "ctx_item_location_share", "ctx_item_device_share", "ctx_user_device_share",
         "ctx_user_location_share"}
     assert set(FEATURE_NAMES) >= GLOBAL_FEATURES
+
+
+def test_session_attribute_and_relative_price_values() -> None:
+    feats = _fit(_history(TOY), COLOURED, attributes=("colour",))
+    assert feats.feature_names[-2:] == ("attr_colour_share", "attr_colour_count")
+    req = _requests([0, 0, 1], [2 * DAY, 3 * DAY // 2, 0])
+    out = feats.transform(req, np.stack([ALL] * 3))
+    # sessions (days apart, gap 30 min): user 0 {0} {2} {1, 3}; user 1 {0} {1}; user 2 {2, 3}.
+    # S(Shampoo) = {Cream .5, Conditioner .5}, S(Cream) = {Conditioner .5, Pan .5};
+    # next-session leaves: Cream, Conditioner, Pan, Conditioner -> shares .25, .5, .25
+    assert out["sess_events"][:, 0].tolist() == [2, 0, 1]
+    for r in (0, 1):  # in session {1, 3} at day 2, or a new session at day 1.5: P = {2} (Cream)
+        assert out["sess_prev_leaf_trans"][r].tolist() == pytest.approx([0, .5, 0, .5, 0, 0])
+        assert out["sess_prev_leaf_lift"][r].tolist() == pytest.approx([0, 1, 0, 2, 0, 0])
+    assert out["sess_prev_leaf_trans"][2].tolist() == [0] * 6  # user 1's first session
+    # user 0 at day 2: weights 1 (items 1, 3), .5 (item 2), .25 (item 0); red = items 0, 1
+    total = 2.75
+    assert out["attr_colour_share"][0].tolist() == pytest.approx(
+        [1.25 / total, 1.25 / total, .5 / total, 0, .5 / total, 0])
+    assert out["attr_colour_count"][0].tolist() == [2, 2, 1, 0, 1, 0]
+    # relative price: items 0 and 1 share a leaf (median 15); user 0 at day 1.5 has item 2
+    # (w 1, its own leaf: 0) and item 0 (w .5)
+    items = ITEMS.assign(categories=[ITEMS["categories"][0]] * 2 + list(ITEMS["categories"][2:]))
+    out = _fit(_history(TOY), items).transform(req.take(np.array([1])), ALL[None, :])
+    rel0, rel1 = np.log1p(10.0) - np.log1p(15.0), np.log1p(20.0) - np.log1p(15.0)
+    assert out["rel_price_gap"][0, 1] == pytest.approx(rel1 - 0.5 * rel0 / 1.5, rel=1e-5)
+    assert out["rel_price_abs_gap"][0, 0] == pytest.approx(abs(rel0 - 0.5 * rel0 / 1.5), rel=1e-5)
+    assert out["rel_price_gap"][0, 4] == 0  # no price

@@ -68,3 +68,28 @@ def test_ranker_never_sees_test_interactions(shop: tuple[Dataset, Split, RunConf
         x, *_ = stage.table(valid, np.arange(20))
         preds.append(models[FULL].predict(x))
     assert np.array_equal(preds[0], preds[1])
+
+
+def test_ltr_goes_through_ray_only_when_configured(
+    shop: tuple[Dataset, Split, RunConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kgrank.distributed.ltr as dist
+
+    dataset, split, cfg = shop
+    calls: list[int] = []
+
+    def fake(x: np.ndarray, *args: object, **kwargs: object) -> str:
+        calls.append(len(x))
+        return "ray-model"
+
+    monkeypatch.setattr(dist, "fit_ltr_ray", fake)
+    x = np.random.default_rng(0).random((40, 2))
+    y = np.tile([1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 4)
+    group = np.full(4, 10)
+    names, fam = ["a", "b"], {"a": "behaviour", "b": "context"}
+    local = RankingStage(dataset, split, cfg, RankingInputs(), progress=False)
+    assert local.fit_ltr(x, y, group, names, fam).feature_names == names and not calls
+    on_ray = cfg.model_copy(update={"ray": cfg.ray.model_copy(
+        update={"address": "local", "stages": ["ranking"]})})
+    stage = RankingStage(dataset, split, on_ray, RankingInputs(), progress=False)
+    assert stage.fit_ltr(x, y, group, names, fam) == "ray-model" and calls == [40]

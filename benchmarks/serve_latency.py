@@ -1,0 +1,198 @@
+"""Latency of ``POST /search`` on an export: in-process and over loopback HTTP under load.
+
+Requests replay the run's test requests (user, time, device, location and query of each test
+target, cycled), ``k`` results each, with the per-source top-N set so that about
+``--target-candidates`` candidates reach the ranker. In-process: ``Searcher.search`` called
+sequentially, with the share of time per step (query embedding, candidates = FAISS-exact ANN /
+source scoring, feature table, LightGBM predict + explanations). Over HTTP: ``kgrank serve`` in a
+subprocess on a free loopback port, ``--requests`` requests from ``--concurrency`` client threads
+(bounded load). Errors (non-200 answers, exceptions) are counted; the bar is 0.
+
+    .venv/bin/python benchmarks/serve_latency.py --export runs/export/demo
+    .venv/bin/python benchmarks/serve_latency.py --run runs/demo --export runs/export/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import machine
+from tqdm.auto import tqdm
+
+from kgrank.export import load
+from kgrank.features.requests import requests_for_targets
+from kgrank.serve.searcher import Context, Searcher
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1000, q))
+
+
+def calibrate(searcher: Searcher, bodies: list[dict[str, Any]], target: int, base: int) -> int:
+    """The per-source top-N whose mean candidate count is closest to ``target``."""
+    best, best_gap = base, float("inf")
+    for n in sorted({base, base * 2, base * 3, base * 4, base * 5, base * 6}):
+        searcher.stage.rc = searcher.stage.rc.model_copy(update={"candidates": n})
+        sizes = [run_one(searcher, b).n_candidates for b in bodies[:20]]
+        gap = abs(float(np.mean(sizes)) - target)
+        if gap < best_gap:
+            best, best_gap = n, gap
+    searcher.stage.rc = searcher.stage.rc.model_copy(update={"candidates": best})
+    return best
+
+
+def run_one(searcher: Searcher, body: dict[str, Any]) -> Any:
+    ctx = body.get("context", {})
+    return searcher.search(body.get("user_id"), body.get("query"),
+                           Context(ctx.get("time"), ctx.get("device"), ctx.get("location")),
+                           k=body["k"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--export", type=Path, required=True, help="export directory")
+    parser.add_argument("--run", type=Path, help="export this run first (to --export)")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--inprocess", type=int, default=500, help="in-process requests")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--target-candidates", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if args.run is not None:
+        from kgrank.export.writer import export_run
+
+        t0 = time.perf_counter()
+        export_run(args.run, args.export)
+        print(f"exported {args.run} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    searcher = Searcher(load(args.export), threads=args.threads)
+    start_s = time.perf_counter() - t0
+    reqs = requests_for_targets(searcher.split.test)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(reqs))
+    users = searcher.dataset.users["user_id"].to_numpy()
+    bodies: list[dict[str, Any]] = []
+    for r in order:
+        ctx = {k: v for k, v in (("time", int(reqs.timestamp[r])), ("device", reqs.device[r]),
+                                 ("location", reqs.location[r])) if v is not None}
+        body: dict[str, Any] = {"user_id": str(users[reqs.user_idx[r]]), "k": args.k,
+                                "context": ctx}
+        if reqs.query[r] is not None:
+            body["query"] = reqs.query[r]
+        bodies.append(body)
+    n_top = calibrate(searcher, bodies, args.target_candidates, searcher.cfg.ranking.candidates)
+
+    # in-process
+    steps: dict[str, float] = {}
+    lat: list[float] = []
+    sizes: list[int] = []
+    errors_in = 0
+    for i in tqdm(range(args.inprocess), desc="in-process"):
+        t = time.perf_counter()
+        try:
+            res = run_one(searcher, bodies[i % len(bodies)])
+        except Exception as exc:  # counted, reported
+            errors_in += 1
+            print(f"in-process error: {exc!r}", file=sys.stderr)
+            continue
+        lat.append(time.perf_counter() - t)
+        sizes.append(res.n_candidates)
+        for key, v in res.timings.items():
+            steps[key] = steps.get(key, 0.0) + v
+    total = sum(steps.values())
+    share = {k: v / total for k, v in steps.items()}
+    n_queries = sum("query" in bodies[i % len(bodies)] for i in range(args.inprocess))
+
+    # over loopback HTTP, bounded load
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kgrank.cli", "-q", "serve", str(args.export),
+                             "--port", str(port), "--candidates", str(n_top),
+                             "--threads", str(args.threads)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("server did not start")
+            time.sleep(0.5)
+        local = threading.local()
+
+        def call(i: int) -> tuple[float, bool]:
+            client = getattr(local, "client", None)
+            if client is None:
+                client = local.client = httpx.Client(base_url=url, timeout=60)
+            t = time.perf_counter()
+            try:
+                ok = client.post("/search", json=bodies[i % len(bodies)]).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            return time.perf_counter() - t, ok
+
+        for i in range(20):  # warm-up (not counted)
+            call(i)
+        t_http = time.perf_counter()
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            out = list(tqdm(pool.map(call, range(args.requests)), total=args.requests,
+                            desc=f"http x{args.concurrency}"))
+        wall = time.perf_counter() - t_http
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    http_lat = [t for t, _ in out]
+    errors_http = sum(not ok for _, ok in out)
+
+    ex = load(args.export)
+    print(f"machine: {machine()}; export {args.export} ({ex.manifest.run_name}: "
+          f"{ex.manifest.n_users} users, {ex.manifest.n_items} items); searcher start "
+          f"{start_s:.1f}s; top-{n_top} per source -> {np.mean(sizes):.0f} candidates per "
+          f"request (min {min(sizes)}, max {max(sizes)}); {n_queries}/{args.inprocess} with a "
+          "query")
+    print(f"in-process ({args.inprocess} sequential): p50 {pct(lat, 50):.1f} ms, p99 "
+          f"{pct(lat, 99):.1f} ms; share " + ", ".join(f"{k} {v:.0%}" for k, v in share.items()))
+    print(f"HTTP ({args.requests} requests, concurrency {args.concurrency}): p50 "
+          f"{pct(http_lat, 50):.1f} ms, p99 {pct(http_lat, 99):.1f} ms, "
+          f"{args.requests / wall:.1f} req/s, errors {errors_http}")
+    fields = {
+        "export": ex.manifest.run_name, "items": ex.manifest.n_items, "k": args.k,
+        "candidates_mean": round(float(np.mean(sizes))), "top_n": n_top,
+        "inproc_n": args.inprocess, "inproc_p50_ms": round(pct(lat, 50), 1),
+        "inproc_p99_ms": round(pct(lat, 99), 1),
+        **{f"share_{k}": round(v, 3) for k, v in share.items()},
+        "http_n": args.requests, "concurrency": args.concurrency,
+        "http_p50_ms": round(pct(http_lat, 50), 1), "http_p99_ms": round(pct(http_lat, 99), 1),
+        "http_rps": round(args.requests / wall, 1), "errors": errors_in + errors_http,
+        "threads": args.threads,
+    }
+    print("RESULT serve_latency " + " ".join(f"{k}={v}" for k, v in fields.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The FastAPI app of ``kgrank serve OUT_DIR``.
+
+``POST /search``, ``GET /items/{id}/similar``, ``GET /items/{id}/image``, ``GET /meta`` (pickers
+for the page), ``GET /healthz``, ``GET /`` (the static demo page), OpenAPI at ``/openapi.json``
+and ``/docs``. Invalid requests get 422 with ``{"error": "<field>: <problem>", "detail": [...]}``.
+"""
+
+from __future__ import annotations
+
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+
+import kgrank
+from kgrank.serve.schemas import (
+    MAX_K,
+    HealthOut,
+    HitOut,
+    SearchIn,
+    SearchOut,
+    SimilarOut,
+)
+from kgrank.serve.searcher import Context, Filters, Hit, Searcher
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    if len(loc) == 2 and loc[0] == "body" and isinstance(loc[1], int):
+        return f"body (JSON at character {loc[1]})"
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or "body"
+
+
+def _message(errors: list[dict[str, Any]]) -> str:
+    out = []
+    for e in errors:
+        msg = str(e.get("msg", "invalid"))
+        if e.get("type") == "json_invalid":
+            msg = f"malformed JSON ({msg})"
+        out.append(f"{_field(e.get('loc', ()))}: {msg}")
+    return "; ".join(out)
+
+
+def _unprocessable(field: str, msg: str) -> HTTPException:
+    return HTTPException(422, detail=[{"loc": ["body", *field.split(".")], "msg": msg,
+                                       "type": "value_error"}])
+
+
+def create_app(searcher: Searcher) -> FastAPI:
+    """The API over one :class:`Searcher` (requests are served one at a time: the searcher's
+    caches are not thread-safe, and on a CPU box parallel requests would only contend)."""
+    app = FastAPI(title="kgrank", version=kgrank.__version__,
+                  description="Knowledge-graph-augmented multimodal search and recommendation.")
+    lock = threading.Lock()
+    manifest = searcher.export.manifest
+    devices, locations = set(searcher.devices), set(searcher.locations)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")}
+                  for e in exc.errors()]
+        return JSONResponse({"error": _message(errors), "detail": errors}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        detail = exc.detail
+        msg = _message(detail) if isinstance(detail, list) else str(detail)
+        return JSONResponse({"error": msg, "detail": detail}, status_code=exc.status_code)
+
+    def hit_out(h: Hit) -> HitOut:
+        url = f"/items/{h.item_id}/image" if h.image else None
+        return HitOut(item_id=h.item_id, score=h.score, title=h.title, image_url=url,
+                      price=h.price, why=h.why, reasons=h.reasons)
+
+    @app.get("/healthz", response_model=HealthOut)
+    def healthz() -> HealthOut:
+        return HealthOut(status="ok", items=manifest.n_items, users=manifest.n_users,
+                         schema_version=manifest.schema_version,
+                         kgrank_version=manifest.kgrank_version,
+                         dataset_fingerprint=manifest.dataset_fingerprint)
+
+    @app.get("/meta")
+    def meta() -> dict[str, Any]:
+        """Devices, locations and some user ids (for the page's pickers)."""
+        return {"devices": sorted(devices), "locations": sorted(locations),
+                "users": list(searcher.user_row)[:50], "max_k": MAX_K}
+
+    @app.post("/search", response_model=SearchOut)
+    def search(body: SearchIn) -> SearchOut:
+        ctx = body.context
+        if ctx is not None and ctx.device is not None and ctx.device not in devices:
+            raise _unprocessable("context.device", f"unknown device {ctx.device!r}; known: "
+                                 f"{sorted(devices)}")
+        if ctx is not None and ctx.location is not None and ctx.location not in locations:
+            raise _unprocessable("context.location", f"unknown location {ctx.location!r}; "
+                                 f"known: {sorted(locations)}")
+        f = body.filters
+        if (f is not None and f.min_price is not None and f.max_price is not None
+                and f.min_price > f.max_price):
+            raise _unprocessable("filters.min_price", "min_price is above max_price")
+        context = Context() if ctx is None else Context(
+            None if ctx.time is None else int(ctx.time.timestamp()), ctx.device, ctx.location)
+        filters = None if f is None else Filters(f.category, f.brand, f.min_price, f.max_price)
+        with lock:
+            res = searcher.search(body.user_id, body.query, context, body.k, filters,
+                                  body.explain)
+        return SearchOut(results=[hit_out(h) for h in res.hits], user_known=res.user_known,
+                         cold_start=not res.user_known, n_candidates=res.n_candidates,
+                         timings_ms={k: round(v * 1000, 3) for k, v in res.timings.items()})
+
+    @app.get("/items/{item_id}/similar", response_model=SimilarOut)
+    def similar(item_id: str, k: int = Query(10, ge=1, le=MAX_K)) -> SimilarOut:
+        if item_id not in searcher.item_row:
+            raise HTTPException(404, f"unknown item {item_id!r}")
+        with lock:
+            pairs = searcher.similar(item_id, k)
+        hits = []
+        for iid, score in pairs:
+            i = searcher.item_row[iid]
+            hits.append(hit_out(Hit(iid, score, searcher.titles[i], searcher.images[i],
+                                    searcher.price(i), {}, [])))
+        return SimilarOut(item_id=item_id, results=hits)
+
+    @app.get("/items/{item_id}/image")
+    def image(item_id: str) -> FileResponse:
+        if item_id not in searcher.item_row:
+            raise HTTPException(404, f"unknown item {item_id!r}")
+        rel = searcher.images[searcher.item_row[item_id]]
+        root = searcher.export.path("dataset").resolve()
+        path = (root / rel).resolve() if isinstance(rel, str) else None
+        if path is None or not path.is_file() or root not in path.parents:
+            raise HTTPException(404, f"item {item_id!r} has no image")
+        return FileResponse(path)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> HTMLResponse:
+        page = resources.files("kgrank.serve").joinpath("static/index.html")
+        return HTMLResponse(page.read_text(encoding="utf-8"))
+
+    return app
+
+
+def serve(export_dir: Path, host: str = "127.0.0.1", port: int = 8000,
+          candidates: int | None = None, threads: int = 1) -> None:
+    """Load the export and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    from kgrank.export.loader import load
+
+    app = create_app(Searcher(load(export_dir), candidates=candidates, threads=threads))
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,9 @@ class RankingStage:
                        if inputs.item_texts else None)
         self.fusion_item = (None if inputs.fusion is None
                             else np.asarray(inputs.fusion.item_emb(), np.float32))
+        has_query = "query" in split.train and bool(split.train["query"].notna().any())
+        self.absent = () if has_query else ("query",)
+        """Families without signal in this dataset (not ablated)."""
         self.keep_fitted = False
         """Serving hook: keep what :meth:`build_part` fits on a part's history between calls."""
         self._fit_cache: dict[tuple[str, str], Any] = {}
@@ -294,11 +297,14 @@ class RankingStage:
         return x[valid], names, fam, np.stack([cell_row, cell_col], 1), items.reshape(-1)[valid]
 
     @staticmethod
-    def feature_sets(names: list[str], fam: Mapping[str, str]) -> dict[str, list[int]]:
-        """Column indices of the full ranker and of each leave-one-family-out ablation."""
+    def feature_sets(names: list[str], fam: Mapping[str, str], absent: Collection[str] = ()
+                     ) -> dict[str, list[int]]:
+        """Column indices of the full ranker and of each leave-one-family-out ablation
+        (``absent``: families the data has no signal for, e.g. queries, are not ablated: their
+        ablation would only remove the fusion score)."""
         base = [j for j, n in enumerate(names) if fam[n] != "fusion_variant"]
         sets = {FULL: base}
-        present = {fam[n] for n in names}
+        present = {fam[n] for n in names} - set(absent)
         for f in MODALITY_FAMILIES:
             if f not in present:
                 continue
@@ -335,7 +341,7 @@ class RankingStage:
                 "train_rows": int(len(x_all)), "features": len(names)}
         log.info("ltr training table: %s", info)
         models: dict[str, LTRModel] = {}
-        for key, cols in self.feature_sets(names, fam).items():
+        for key, cols in self.feature_sets(names, fam, self.absent).items():
             t0 = time.perf_counter()
             sub = [names[j] for j in cols]
             model = self.fit_ltr(x_all[:, cols], y_all, group, sub, {n: fam[n] for n in sub})
@@ -366,7 +372,7 @@ class RankingStage:
         model's per-family explanations of the top results of the first ``n_explain`` requests."""
         n_req, width = data.candidates.items.shape
         out = {key: np.full((n_req, width), -np.inf, np.float32) for key in models}
-        sets = self.feature_sets(names, fam)
+        sets = self.feature_sets(names, fam, self.absent)
         explanations: list[dict[str, Any]] = []
         step = max(1, self.cfg.eval.batch_size // 4)
         item_ids = self.dataset.items["item_id"].to_numpy()

@@ -93,3 +93,14 @@ def test_ltr_goes_through_ray_only_when_configured(
         update={"address": "local", "stages": ["ranking"]})})
     stage = RankingStage(dataset, split, on_ray, RankingInputs(), progress=False)
     assert stage.fit_ltr(x, y, group, names, fam) == "ray-model" and calls == [40]
+
+
+def test_families_without_signal_are_not_ablated() -> None:
+    names = ["score_fusion", "score_fusion_without_graph", "score_kg", "has_query", "hour_sin"]
+    fam = {"score_fusion": "fusion", "score_fusion_without_graph": "fusion_variant",
+           "score_kg": "graph", "has_query": "query", "hour_sin": "context"}
+    sets = RankingStage.feature_sets(names, fam)
+    assert sets[FULL] == [0, 2, 3, 4]
+    assert sets[f"{FULL} -graph"] == [3, 4, 1]  # the fusion score swapped for its variant
+    assert sets[f"{FULL} -query"] == [2, 4]  # no variant: the fusion score goes too
+    assert f"{FULL} -query" not in RankingStage.feature_sets(names, fam, absent=("query",))

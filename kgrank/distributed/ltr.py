@@ -43,7 +43,14 @@ from kgrank.distributed.session import (
     storage_path,
 )
 from kgrank.io import atomic_write_text
-from kgrank.ranking.ltr import LTRModel, _check_matrix, _group_offsets, _lgb_names, _rows_of
+from kgrank.ranking.ltr import (
+    LTRModel,
+    _check_matrix,
+    _group_offsets,
+    _lgb_names,
+    _rows_of,
+    split_groups,
+)
 
 log = logging.getLogger("kgrank")
 
@@ -138,17 +145,9 @@ def fit_ltr_ray_detailed(
     if missing := [f for f in names if f not in families]:
         raise ValueError(f"features without a family: {missing}")
     sizes = np.diff(offsets)
-    pos_per_group = np.add.reduceat((y > 0).astype(np.int64), offsets[:-1])
-    keep = np.flatnonzero(pos_per_group > 0)
-    model.n_groups_dropped = int(len(sizes) - len(keep))
-    if len(keep) < 2:
-        raise ValueError(f"need at least 2 groups with a positive, got {len(keep)}")
     # the same seeded holdout of whole groups as LTRModel.fit
-    rng = np.random.default_rng(cfg.seed)
-    shuffled = rng.permutation(keep)
-    n_hold = min(max(1, round(cfg.holdout * len(keep))), len(keep) - 1)
-    model.holdout_groups = np.sort(shuffled[:n_hold])
-    model.train_groups = np.sort(shuffled[n_hold:])
+    model.train_groups, model.holdout_groups, model.n_groups_dropped = split_groups(
+        y, offsets, cfg)
     model.feature_names = names
     model.families = {f: families[f] for f in names}
     model.family_names = list(dict.fromkeys(model.families.values()))

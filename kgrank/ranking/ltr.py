@@ -98,6 +98,21 @@ def _rows_of(offsets: np.ndarray, groups: np.ndarray) -> np.ndarray:
     )
 
 
+def split_groups(y: np.ndarray, offsets: np.ndarray, cfg: LTRConfig
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(training groups, early-stopping holdout groups, number of groups without a positive):
+    a seeded split of whole query groups; groups without a positive carry no ranking signal."""
+    pos_per_group = np.add.reduceat((y > 0).astype(np.int64), offsets[:-1])
+    keep = np.flatnonzero(pos_per_group > 0)
+    dropped = int(len(offsets) - 1 - len(keep))
+    if len(keep) < 2:
+        raise ValueError(f"need at least 2 groups with a positive, got {len(keep)} "
+                         f"({dropped} groups without one)")
+    shuffled = np.random.default_rng(cfg.seed).permutation(keep)
+    n_hold = min(max(1, round(cfg.holdout * len(keep))), len(keep) - 1)
+    return np.sort(shuffled[n_hold:]), np.sort(shuffled[:n_hold]), dropped
+
+
 class LTRModel:
     """A LightGBM LambdaRank model over named features grouped into families.
 
@@ -195,17 +210,8 @@ class LTRModel:
             raise ValueError(f"k must be positive, got {k}")
 
         sizes = np.diff(offsets)
-        pos_per_group = np.add.reduceat((y > 0).astype(np.int64), offsets[:-1])
-        keep = np.flatnonzero(pos_per_group > 0)
-        self.n_groups_dropped = int(len(sizes) - len(keep))
-        if len(keep) < 2:
-            raise ValueError(f"need at least 2 groups with a positive, got {len(keep)} "
-                             f"({self.n_groups_dropped} groups without one)")
-        rng = np.random.default_rng(cfg.seed)
-        shuffled = rng.permutation(keep)
-        n_hold = min(max(1, round(cfg.holdout * len(keep))), len(keep) - 1)
-        self.holdout_groups = np.sort(shuffled[:n_hold])
-        self.train_groups = np.sort(shuffled[n_hold:])
+        self.train_groups, self.holdout_groups, self.n_groups_dropped = split_groups(
+            y, offsets, cfg)
 
         self.feature_names = names
         self.families = {f: families[f] for f in names}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,10 +29,11 @@ from kgrank.baselines import ItemKNN, Popularity, RandomScores, Transition
 from kgrank.config import RunConfig
 from kgrank.data.dataset import Dataset, load_dataset
 from kgrank.data.split import Split, make_split
-from kgrank.eval.protocol import EvalResult, Tuned, evaluate, tune_and_test
+from kgrank.eval.protocol import EvalResult, Tuned, evaluate, paired_change, tune_and_test
 from kgrank.eval.report import (
     metrics_table,
     plot_bars,
+    plot_changes,
     plot_family_importance,
     plot_ndcg_curves,
     write_metrics_json,
@@ -172,21 +174,37 @@ def run(cfg: RunConfig, progress: bool = True, stages: tuple[str, ...] | None = 
     split = make_split(dataset, cfg.data.split)
     log.info("split %s: %s", cfg.data.split.method, split.stats)
     art = StageArtifacts()
+    timings: dict[str, float] = {"data": time.perf_counter() - start}
+    lap = time.perf_counter()
+
+    def mark(stage: str) -> None:
+        # wall seconds and peak memory per stage, into timings.json: where time and memory go
+        nonlocal lap
+        now = time.perf_counter()
+        timings[stage] = now - lap
+        lap = now
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+        timings[f"peak_rss_gib_after_{stage}"] = peak
+        log.info("stage %s took %.1fs (peak RSS so far %.2f GiB)", stage, timings[stage], peak)
+
     with staged_dir(cfg.run_dir) as tmp:
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         art.tuned = run_baselines(cfg, split, progress) if "baselines" in stages else []
         results = [t.test for t in art.tuned]
+        mark("baselines")
         if "graph" in stages and cfg.graph.models:
             from kgrank.graph.stage import run_graph_stage
 
             graph_results, art.graph = run_graph_stage(dataset, split, cfg, tmp / "graph",
                                                        progress)
             results += graph_results
+            mark("graph")
         if "encoders" in stages and cfg.encoders.modalities:
             from kgrank.encoders.stage import run_encoder_stage
 
             art.encoders = run_encoder_stage(dataset, split, cfg, tmp / "encoders", progress)
             results += art.encoders.results
+            mark("encoders")
         if "fusion" in stages:
             from kgrank.fusion.stage import run_fusion_stage
 
@@ -194,6 +212,7 @@ def run(cfg: RunConfig, progress: bool = True, stages: tuple[str, ...] | None = 
             fusion_results, art.fusion, art.fusion_without = run_fusion_stage(
                 dataset, split, cfg, art, tmp / "fusion", progress, ablate)
             results += fusion_results
+            mark("fusion")
         if "ranking" in stages:
             from kgrank.ranking.stage import RankingInputs, run_ranking_stage
 
@@ -213,10 +232,15 @@ def run(cfg: RunConfig, progress: bool = True, stages: tuple[str, ...] | None = 
             art.ranking = run_ranking_stage(dataset, split, cfg, inputs, tmp / "ranking",
                                             progress)
             results += art.ranking.results
+            mark("ranking")
         oracle = oracle_result(dataset, split, cfg)
         if oracle is not None:
             results.append(oracle)
+        mark("oracle")
         seconds = time.perf_counter() - start
+        timings["total"] = seconds
+        (tmp / "timings.json").write_text(json.dumps(
+            {k: round(v, 2) for k, v in timings.items()}, indent=2) + "\n")
         write_report(tmp, cfg, dataset, split, art.tuned, results, seconds, art.ranking)
     return RunResult(cfg.run_dir, dataset, split, art.tuned, results, seconds)
 
@@ -250,7 +274,13 @@ def write_report(
     text = render_report(cfg, dataset, split, tuned, results, seconds)
     if ranking is not None:
         plot_family_importance(out / "plots" / "feature_families.png", ranking.importance)
-        text += render_ranking(cfg, results, ranking)
+        changes = ablation_changes(cfg, results)
+        if changes:
+            clean = [{k: None if isinstance(v, float) and np.isnan(v) else v
+                      for k, v in c.items()} for c in changes]  # strict JSON: no NaN
+            (out / "ablations.json").write_text(json.dumps(clean, indent=2) + "\n")
+            plot_changes(out / "plots" / "ablations.png", changes, cfg.eval.main_metric)
+        text += render_ranking(cfg, results, ranking, changes)
     (out / "report.md").write_text(text)
 
 
@@ -305,7 +335,27 @@ def render_report(
     return "\n".join(lines)
 
 
-def render_ranking(cfg: RunConfig, results: list[EvalResult], ranking: Any) -> str:
+def ablation_changes(cfg: RunConfig, results: list[EvalResult]) -> list[dict[str, Any]]:
+    """Each leave-one-family-out ranker's change of the main metric against the full ranker,
+    with its paired bootstrap CI (same test users); ``significant`` when the CI excludes 0."""
+    main = cfg.eval.main_metric
+    by_name = {r.name: r for r in results}
+    full = by_name.get("fusion+ltr")
+    if full is None:
+        return []
+    out = []
+    for r in results:
+        if not r.name.startswith("fusion+ltr -"):
+            continue
+        delta, low, high = paired_change(r, full, main, cfg.eval)
+        out.append({"model": r.name, "family": r.name.removeprefix("fusion+ltr -"),
+                    main: r.metrics[main], "change": delta, "change_ci_low": low,
+                    "change_ci_high": high, "significant": bool(high < 0 or low > 0)})
+    return out
+
+
+def render_ranking(cfg: RunConfig, results: list[EvalResult], ranking: Any,
+                   changes: list[dict[str, Any]] | None = None) -> str:
     """Report section of the ranking stage: candidate recall, ablations, importance, examples."""
     main = cfg.eval.main_metric
     by_name = {r.name: r for r in results}
@@ -320,19 +370,23 @@ def render_ranking(cfg: RunConfig, results: list[EvalResult], ranking: Any) -> s
         lines.append(f"| {key} | {rec['valid'].get(key, float('nan')):.4f} | "
                      f"{rec['test'][key]:.4f} |")
     full = by_name.get("fusion+ltr")
-    ablations = [r for r in results if r.name.startswith("fusion+ltr -")]
-    if full is not None and ablations:
+    if full is not None and changes:
         lo, hi = full.ci[main]
         lines += ["", "Leave-one-modality-out ablations (the ranker retrained without one "
                   "feature family, and the fusion score replaced by a fusion model trained "
-                  "without that modality):", "",
-                  f"| model | {main} | change | beyond the full model's CI |", "|---|---|---|---|"]
-        lines.append(f"| fusion+ltr | {full.metrics[main]:.4f} [{lo:.4f}, {hi:.4f}] | | |")
-        for r in ablations:
-            delta = r.metrics[main] - full.metrics[main]
-            beyond = r.ci[main][1] < lo
+                  "without that modality). The change is paired: both rankers score the same "
+                  "test users, and its 95% bootstrap CI resamples users:", "",
+                  f"| model | {main} [95% CI] | change [paired 95% CI] | drop beyond its CI "
+                  "| ablation below the full model's CI |", "|---|---|---|---|---|"]
+        lines.append(f"| fusion+ltr | {full.metrics[main]:.4f} [{lo:.4f}, {hi:.4f}] | | | |")
+        for c in changes:
+            r = by_name[c["model"]]
+            drop = c["change_ci_high"] < 0
             lines.append(f"| {r.name} | {r.metrics[main]:.4f} [{r.ci[main][0]:.4f}, "
-                         f"{r.ci[main][1]:.4f}] | {delta:+.4f} | {'yes' if beyond else 'no'} |")
+                         f"{r.ci[main][1]:.4f}] | {c['change']:+.4f} [{c['change_ci_low']:+.4f}, "
+                         f"{c['change_ci_high']:+.4f}] | {'yes' if drop else 'no'} | "
+                         f"{'yes' if r.ci[main][1] < lo else 'no'} |")
+        lines += ["", "![ablations](plots/ablations.png)"]
     lines += ["", "Feature-family importance (share of total gain):", "",
               "| family | gain share |", "|---|---|"]
     for fam, share in sorted(ranking.importance.items(), key=lambda kv: -kv[1]):

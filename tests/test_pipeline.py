@@ -26,6 +26,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "encoders.modalities=[text]", f"encoders.cache_dir={out / 'cache'}",
         "fusion.epochs=2", "fusion.batch_size=256", "fusion.negatives=64",
         "ranking.candidates=30", "ranking.ltr.n_estimators=30", "ranking.ltr.threads=1",
+        "ranking.ablations=true",  # what `make ablations` adds to `make demo`
     ])
     result = run(cfg, progress=False)
     assert result.run_dir == out / "runs" / "demo"
@@ -52,6 +53,14 @@ def test_run_writes_a_complete_run_directory(tiny_run: Path) -> None:
     report = (tiny_run / "report.md").read_text()
     assert "| lightgcn |" in report and "Candidate recall" in report and "ablations" in report
     assert (tiny_run / "ranking" / "ltr_model.txt").is_file()
+    changes = json.loads((tiny_run / "ablations.json").read_text())
+    assert [c["model"] for c in changes] == ablations
+    for c in changes:  # the paired change is the difference of the two means
+        assert c["change"] == pytest.approx(c["ndcg@10"] - metrics["fusion+ltr"]["ndcg@10"])
+        assert c["change_ci_low"] <= c["change"] <= c["change_ci_high"]
+    assert "paired 95% CI" in report and (tiny_run / "plots" / "ablations.png").is_file()
+    timings = json.loads((tiny_run / "timings.json").read_text())
+    assert {"graph", "encoders", "fusion", "ranking", "total"} <= set(timings)
     assert (tiny_run / "plots" / "feature_families.png").is_file()
     assert (tiny_run / "encoders" / "text" / "embeddings.safetensors").is_file()
     assert (tiny_run / "plots" / "ndcg_at_k.png").stat().st_size > 1000

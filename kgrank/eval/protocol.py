@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from kgrank.config import EvalConfig
 from kgrank.data.split import Part, Split
-from kgrank.eval.metrics import bootstrap_many, metrics_from_hits
+from kgrank.eval.metrics import bootstrap_many, metrics_from_hits, paired_bootstrap_ci
 
 Scorer = Callable[[np.ndarray], torch.Tensor]
 """Maps a batch of user int ids [B] to scores over all items [B, n_items] (higher is better)."""
@@ -176,6 +176,15 @@ def evaluate(
     label = f"{name} (sampled {cfg.sampled_negatives})" if cfg.sampled_negatives else name
     return EvalResult(label, part, len(users), metrics, ci, groups, sizes, coverage, values,
                       sampled=cfg.sampled_negatives is not None)
+
+
+def paired_change(model: EvalResult, base: EvalResult, key: str, cfg: EvalConfig
+                  ) -> tuple[float, float, float]:
+    """``model - base`` on metric ``key`` with its paired bootstrap CI (same users, same part)."""
+    if model.part != base.part or model.n_users != base.n_users:
+        raise ValueError(f"{model.name} and {base.name} were not evaluated on the same users")
+    return paired_bootstrap_ci(model.per_user[key], base.per_user[key], n_boot=cfg.bootstrap,
+                               seed=cfg.seed)
 
 
 @dataclass

@@ -108,6 +108,26 @@ def plot_family_importance(path: Path, importance: dict[str, float]) -> None:
     _save(fig, path)
 
 
+def plot_changes(path: Path, changes: Sequence[dict[str, Any]], key: str) -> None:
+    """Horizontal bars: each ablation's change of ``key`` with its paired 95% CI (red when the
+    CI excludes 0)."""
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(changes) + 1.3))
+    ys = range(len(changes))
+    for y, c in zip(ys, changes, strict=True):
+        err = [[c["change"] - c["change_ci_low"]], [c["change_ci_high"] - c["change"]]]
+        color = "tab:red" if c["significant"] else "tab:gray"
+        ax.barh(y, c["change"], color=color)
+        if not (math.isnan(err[0][0]) or math.isnan(err[1][0])):
+            ax.errorbar(c["change"], y, xerr=err, color="black", capsize=3)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([c["model"] for c in changes], fontsize=8)
+    ax.set_xlabel(f"change of {key} vs fusion+ltr (paired 95% CI)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _save(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -22,6 +22,7 @@ from kgrank.eval.metrics import (
     bootstrap_ci,
     item_coverage,
     metrics_from_hits,
+    paired_bootstrap_ci,
     topk_hits,
 )
 
@@ -319,6 +320,26 @@ def test_bootstrap_rejects_bad_input() -> None:
 
 
 # ----------------------------------------------------------------------- item_coverage
+
+
+def test_paired_ci_is_tighter_than_marginal_for_a_consistent_small_drop() -> None:
+    rng = np.random.default_rng(0)
+    full = rng.random(2000)
+    ablated = full - 0.01 + rng.normal(0, 0.002, 2000)  # every user a little worse
+    delta, low, high = paired_bootstrap_ci(ablated, full, n_boot=300)
+    assert delta == pytest.approx(float((ablated - full).mean()))
+    assert low <= delta <= high < 0  # the drop is beyond its paired CI ...
+    _, f_low, f_high = bootstrap_ci(full, n_boot=300)
+    _, _, a_high = bootstrap_ci(ablated, n_boot=300)
+    assert a_high > f_low  # ... although the two marginal CIs overlap
+    assert high - low < (f_high - f_low) / 10
+
+
+def test_paired_ci_of_identical_models_is_zero_and_lengths_must_match() -> None:
+    vals = np.random.default_rng(1).random(100)
+    assert paired_bootstrap_ci(vals, vals.copy(), n_boot=50) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_bootstrap_ci(vals, vals[:-1])
 
 
 def test_item_coverage_hand_case() -> None:

@@ -43,14 +43,7 @@ from kgrank.distributed.session import (
     storage_path,
 )
 from kgrank.io import atomic_write_text
-from kgrank.ranking.ltr import (
-    LTRModel,
-    _check_matrix,
-    _group_offsets,
-    _lgb_names,
-    _rows_of,
-    split_groups,
-)
+from kgrank.ranking.ltr import LTRModel, lgb_names, rows_of
 
 log = logging.getLogger("kgrank")
 
@@ -133,31 +126,15 @@ def fit_ltr_ray_detailed(
     from ray.train.lightgbm import LightGBMTrainer
 
     model = LTRModel()
-    X = _check_matrix(X)
-    n_rows, n_features = X.shape
-    y = np.asarray(y)
-    if y.shape != (n_rows,):
-        raise ValueError(f"y has shape {y.shape}, expected ({n_rows},)")
-    offsets = _group_offsets(group, n_rows)
-    names = list(feature_names)
-    if len(names) != n_features or len(set(names)) != n_features:
-        raise ValueError(f"need {n_features} distinct feature names")
-    if missing := [f for f in names if f not in families]:
-        raise ValueError(f"features without a family: {missing}")
+    # the same checks, metadata and seeded holdout of whole groups as LTRModel.fit
+    X, y, offsets, position = model.prepare(X, y, group, feature_names, families, cfg, k,
+                                            position)
     sizes = np.diff(offsets)
-    # the same seeded holdout of whole groups as LTRModel.fit
-    model.train_groups, model.holdout_groups, model.n_groups_dropped = split_groups(
-        y, offsets, cfg)
-    model.feature_names = names
-    model.families = {f: families[f] for f in names}
-    model.family_names = list(dict.fromkeys(model.families.values()))
-    model.k, model.cfg = k, cfg
-    model.used_position = position is not None and cfg.position_bias
     parts = [model.train_groups[p] for p in
              partition_groups(sizes[model.train_groups], ray_cfg.workers)]
 
-    def rows_of(groups: np.ndarray, pos: bool) -> dict[str, Any]:
-        rows = _rows_of(offsets, groups)
+    def shard(groups: np.ndarray, pos: bool) -> dict[str, Any]:
+        rows = rows_of(offsets, groups)
         out: dict[str, Any] = {"X": X[rows], "y": y[rows].astype(np.int32),
                                "sizes": sizes[groups], "groups": groups}
         if pos and position is not None:
@@ -172,9 +149,9 @@ def fit_ltr_ray_detailed(
         trainer = LightGBMTrainer(
             _ltr_worker,
             train_loop_config={
-                "shards": [ray.put(rows_of(p, model.used_position)) for p in parts],
-                "holdout": ray.put(rows_of(model.holdout_groups, False)),
-                "names": _lgb_names(names), "params": model._params(cfg, k),
+                "shards": [ray.put(shard(p, model.used_position)) for p in parts],
+                "holdout": ray.put(shard(model.holdout_groups, False)),
+                "names": lgb_names(model.feature_names), "params": model.params(cfg, k),
                 "rounds": cfg.n_estimators, "early_stopping": cfg.early_stopping_rounds,
                 "k": k, "threads": ray_cfg.threads_per_worker,
             },

@@ -51,7 +51,7 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".meta.json")
 
 
-def _lgb_names(names: Sequence[str]) -> list[str]:
+def lgb_names(names: Sequence[str]) -> list[str]:
     """Feature names LightGBM accepts (no JSON special characters, unique)."""
     out: list[str] = []
     seen: set[str] = set()
@@ -64,7 +64,7 @@ def _lgb_names(names: Sequence[str]) -> list[str]:
     return out
 
 
-def _check_matrix(X: np.ndarray, n_features: int | None = None) -> np.ndarray:
+def check_matrix(X: np.ndarray, n_features: int | None = None) -> np.ndarray:
     X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D [N, F], got shape {X.shape}")
@@ -75,7 +75,7 @@ def _check_matrix(X: np.ndarray, n_features: int | None = None) -> np.ndarray:
     return X
 
 
-def _group_offsets(group: np.ndarray, n_rows: int) -> np.ndarray:
+def group_offsets(group: np.ndarray, n_rows: int) -> np.ndarray:
     group = np.asarray(group)
     if group.ndim != 1 or len(group) == 0:
         raise ValueError("group must be a non-empty 1-D array of group sizes")
@@ -87,7 +87,7 @@ def _group_offsets(group: np.ndarray, n_rows: int) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(group, dtype=np.int64)])
 
 
-def _rows_of(offsets: np.ndarray, groups: np.ndarray) -> np.ndarray:
+def rows_of(offsets: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Row indices of the listed groups, group by group."""
     starts, ends = offsets[groups], offsets[groups + 1]
     lengths = ends - starts
@@ -135,7 +135,7 @@ class LTRModel:
         self.train_groups = np.zeros(0, dtype=np.int64)
         self.holdout_groups = np.zeros(0, dtype=np.int64)
 
-    def _params(self, cfg: LTRConfig, k: int) -> dict[str, Any]:
+    def params(self, cfg: LTRConfig, k: int) -> dict[str, Any]:
         params: dict[str, Any] = {
             "objective": "lambdarank",
             "metric": "ndcg",
@@ -153,6 +153,56 @@ class LTRModel:
         if cfg.threads > 0:
             params["num_threads"] = cfg.threads
         return params
+
+    def prepare(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        group: np.ndarray,
+        feature_names: Sequence[str],
+        families: Mapping[str, str],
+        cfg: LTRConfig,
+        k: int,
+        position: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Check :meth:`fit`'s inputs, set the model's metadata (feature names, families, k,
+        config, position use) and its seeded split of whole groups (``train_groups``,
+        ``holdout_groups``); returns ``(X, y, group offsets, position)``. Shared by the
+        in-process :meth:`fit` and the Ray trainer (:mod:`kgrank.distributed.ltr`)."""
+        X = check_matrix(X)
+        n_rows, n_features = X.shape
+        y = np.asarray(y)
+        if y.shape != (n_rows,):
+            raise ValueError(f"y has shape {y.shape}, expected ({n_rows},)")
+        if not np.isfinite(y).all() or (y < 0).any() or (y != np.round(y)).any():
+            raise ValueError("y must hold non-negative integer relevance grades")
+        offsets = group_offsets(group, n_rows)
+        names = list(feature_names)
+        if len(names) != n_features or len(set(names)) != n_features:
+            raise ValueError(f"need {n_features} distinct feature names, got {len(names)} "
+                             f"({len(set(names))} distinct)")
+        if missing := [f for f in names if f not in families]:
+            raise ValueError(f"features without a family: {missing}")
+        if BIAS in families.values():
+            raise ValueError(f"{BIAS!r} is reserved for the expected value; rename that family")
+        if position is not None:
+            position = np.asarray(position)
+            if position.shape != (n_rows,) or not np.issubdtype(position.dtype, np.integer):
+                raise ValueError(f"position must be an integer array of shape ({n_rows},)")
+            if (position < 0).any():
+                raise ValueError("position must be 0-based (non-negative)")
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+
+        self.train_groups, self.holdout_groups, self.n_groups_dropped = split_groups(
+            y, offsets, cfg)
+
+        self.feature_names = names
+        self.families = {f: families[f] for f in names}
+        self.family_names = list(dict.fromkeys(self.families.values()))
+        self.k, self.cfg = k, cfg
+        self.used_position = position is not None and cfg.position_bias
+        return X, y, offsets, position
 
     def fit(
         self,
@@ -184,54 +234,20 @@ class LTRModel:
         Groups without a positive carry no LambdaRank gradient (and would score NDCG 1 in
         the holdout), so they are dropped and counted in ``n_groups_dropped``.
         """
-        X = _check_matrix(X)
-        n_rows, n_features = X.shape
-        y = np.asarray(y)
-        if y.shape != (n_rows,):
-            raise ValueError(f"y has shape {y.shape}, expected ({n_rows},)")
-        if not np.isfinite(y).all() or (y < 0).any() or (y != np.round(y)).any():
-            raise ValueError("y must hold non-negative integer relevance grades")
-        offsets = _group_offsets(group, n_rows)
-        names = list(feature_names)
-        if len(names) != n_features or len(set(names)) != n_features:
-            raise ValueError(f"need {n_features} distinct feature names, got {len(names)} "
-                             f"({len(set(names))} distinct)")
-        if missing := [f for f in names if f not in families]:
-            raise ValueError(f"features without a family: {missing}")
-        if BIAS in families.values():
-            raise ValueError(f"{BIAS!r} is reserved for the expected value; rename that family")
-        if position is not None:
-            position = np.asarray(position)
-            if position.shape != (n_rows,) or not np.issubdtype(position.dtype, np.integer):
-                raise ValueError(f"position must be an integer array of shape ({n_rows},)")
-            if (position < 0).any():
-                raise ValueError("position must be 0-based (non-negative)")
-        if k <= 0:
-            raise ValueError(f"k must be positive, got {k}")
-
+        X, y, offsets, position = self.prepare(X, y, group, feature_names, families, cfg, k,
+                                               position)
         sizes = np.diff(offsets)
-        self.train_groups, self.holdout_groups, self.n_groups_dropped = split_groups(
-            y, offsets, cfg)
+        params = self.params(cfg, k)
 
-        self.feature_names = names
-        self.families = {f: families[f] for f in names}
-        self.family_names = list(dict.fromkeys(self.families.values()))
-        self.k, self.cfg = k, cfg
-        self.used_position = position is not None and cfg.position_bias
-        params = self._params(cfg, k)
-        lgb_names = _lgb_names(names)
-
-        def dataset(groups: np.ndarray, ref: lgb.Dataset | None, pos: bool) -> lgb.Dataset:
-            rows = _rows_of(offsets, groups)
-            return lgb.Dataset(
-                X[rows], label=y[rows].astype(np.int32), group=sizes[groups], reference=ref,
-                feature_name=lgb_names, params={"verbosity": -1},
-                position=position[rows] if pos and position is not None else None,
-                free_raw_data=True,
-            )
-
-        train = dataset(self.train_groups, None, self.used_position)
-        hold = dataset(self.holdout_groups, train, False)
+        # One binned Dataset over all rows, then the training and holdout groups as subsets of
+        # it: LightGBM copies binned rows (1 byte per feature), never the float matrix X.
+        full = lgb.Dataset(X, label=y.astype(np.int32), group=sizes,
+                           feature_name=lgb_names(self.feature_names), params=dict(params), free_raw_data=True).construct()
+        train_rows = rows_of(offsets, self.train_groups)
+        train = full.subset(train_rows.tolist())  # rows are sorted: LightGBM sorts them again
+        if self.used_position and position is not None:
+            train.set_position(position[train_rows])  # a subset does not inherit positions
+        hold = full.subset(rows_of(offsets, self.holdout_groups).tolist())
         callbacks: list[Any] = [lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)]
         if progress:
             callbacks.append(lgb.log_evaluation(50))
@@ -256,7 +272,7 @@ class LTRModel:
     def predict(self, X: np.ndarray) -> np.ndarray:
         """float64 [N] raw relevance scores at the best iteration (higher ranks first)."""
         booster = self._booster()
-        X = _check_matrix(X, len(self.feature_names))
+        X = check_matrix(X, len(self.feature_names))
         return np.asarray(booster.predict(X, num_iteration=self.best_iteration, raw_score=True),
                           dtype=np.float64)
 
@@ -275,7 +291,7 @@ class LTRModel:
         ``"bias"`` (the expected value). Each row sums to :meth:`predict` of that row.
         """
         booster = self._booster()
-        X = _check_matrix(X, len(self.feature_names))
+        X = check_matrix(X, len(self.feature_names))
         raw = np.asarray(booster.predict(X, num_iteration=self.best_iteration, pred_contrib=True),
                          dtype=np.float64)
         per_family = raw[:, :-1] @ self._family_matrix()

@@ -323,20 +323,26 @@ class RankingStage:
         target = data.requests.target
         assert target is not None
         hit_rows = np.flatnonzero((data.candidates.items == target[:, None]).any(1))
-        chunks_x, chunks_y, groups = [], [], []
+        # One preallocated float32 table, filled chunk by chunk: no list of chunks plus their
+        # concatenation (on Amazon Beauty the table is ~3.4M rows x 67 features, ~0.9 GB).
+        group = data.candidates.valid[hit_rows].sum(1).astype(np.int64)
+        x_all = np.empty((0, 0), np.float32)
+        y_all = np.empty(int(group.sum()), np.float32)
         names: list[str] = []
         fam: dict[str, str] = {}
         step = max(1, self.cfg.eval.batch_size // 4)
+        at = 0
         for lo in tqdm(range(0, len(hit_rows), step), desc="ltr table [valid]",
                        disable=not self.progress, leave=False):
             rows = hit_rows[lo : lo + step]
             x, names, fam, cells, items = self.table(data, rows, shuffle_seed=self.cfg.seed + lo)
-            chunks_x.append(x)
-            chunks_y.append((items == target[rows][cells[:, 0]]).astype(np.float32))
-            groups.append(np.bincount(cells[:, 0], minlength=len(rows)))
-        x_all = np.concatenate(chunks_x)
-        y_all = np.concatenate(chunks_y)
-        group = np.concatenate(groups)
+            if lo == 0:
+                x_all = np.empty((len(y_all), x.shape[1]), np.float32)
+            x_all[at : at + len(x)] = x
+            y_all[at : at + len(x)] = items == target[rows][cells[:, 0]]
+            at += len(x)
+        if at != len(y_all):
+            raise RuntimeError(f"feature table has {at} rows, candidates say {len(y_all)}")
         info = {"train_requests": int(len(hit_rows)), "valid_requests": len(data.requests),
                 "train_rows": int(len(x_all)), "features": len(names)}
         log.info("ltr training table: %s", info)
@@ -344,7 +350,9 @@ class RankingStage:
         for key, cols in self.feature_sets(names, fam, self.absent).items():
             t0 = time.perf_counter()
             sub = [names[j] for j in cols]
-            model = self.fit_ltr(x_all[:, cols], y_all, group, sub, {n: fam[n] for n in sub})
+            x = x_all if cols == list(range(len(names))) else x_all[:, cols]  # no copy if all
+            model = self.fit_ltr(x, y_all, group, sub, {n: fam[n] for n in sub})
+            del x
             models[key] = model
             log.info("ltr %s: %d features, trained in %.1fs", key, len(cols),
                      time.perf_counter() - t0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kgrank.config import LTRConfig
-from kgrank.ranking.ltr import BIAS, LTRModel, _rows_of, top_reasons
+from kgrank.ranking.ltr import BIAS, LTRModel, rows_of, top_reasons
 
 NAMES = ["g:score", "g rank", "text.sim", "ctx_a", "ctx_b"]  # names LightGBM would reject
 FAMILIES = {"g:score": "graph", "g rank": "graph", "text.sim": "text", "ctx_a": "context",
@@ -68,8 +68,8 @@ def test_groups_are_never_split(fitted: tuple[LTRModel, np.ndarray]) -> None:
     assert len(hold) == round(CFG.holdout * len(with_pos))
     # the rows given to LightGBM for a set of groups are exactly those groups' whole row ranges
     offsets = np.array([0, 3, 5, 9, 10])
-    np.testing.assert_array_equal(_rows_of(offsets, np.array([2, 0])), [5, 6, 7, 8, 0, 1, 2])
-    np.testing.assert_array_equal(_rows_of(offsets, np.array([3])), [9])
+    np.testing.assert_array_equal(rows_of(offsets, np.array([2, 0])), [5, 6, 7, 8, 0, 1, 2])
+    np.testing.assert_array_equal(rows_of(offsets, np.array([3])), [9])
 
 
 def test_contributions_sum_to_predictions_and_aggregate_by_family(

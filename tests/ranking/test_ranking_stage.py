@@ -25,7 +25,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, Split, RunC
     cfg = load_config(REPO / "configs" / "demo.yaml", [
         f"data.path={root / 'shop'}", "eval.bootstrap=20", "ranking.enabled=true",
         "ranking.candidates=30", "ranking.ltr.n_estimators=30", "ranking.ltr.threads=1",
-        "ranking.ltr.min_child_samples=5",
+        "ranking.ltr.min_child_samples=5", "ranking.ablations=true",
     ])
     return dataset, make_split(dataset, cfg.data.split), cfg
 

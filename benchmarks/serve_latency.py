@@ -3,12 +3,14 @@
 Requests replay the run's test requests (user, time, device, location and query of each test
 target, cycled), ``k`` results each, with the per-source top-N set so that about
 ``--target-candidates`` candidates reach the ranker. In-process: ``Searcher.search`` called
-sequentially, with the share of time per step (query embedding, candidates = FAISS-exact ANN /
-source scoring, feature table, LightGBM predict + explanations). Over HTTP: ``kgrank serve`` in a
-subprocess on a free loopback port, ``--requests`` requests from ``--concurrency`` client threads
-(bounded load). Errors (non-200 answers, exceptions) are counted; the bar is 0.
+sequentially, with the share of time per step (query embedding, candidates = source scoring +
+top-N union, feature table, LightGBM predict, per-family TreeSHAP explanations). Over HTTP:
+``python -m kgrank.serve`` (``kgrank serve`` with ``--workers`` processes) in a subprocess on a
+free loopback port, ``--requests`` requests from ``--concurrency`` client threads (bounded load).
+Errors (non-200 answers, exceptions) are counted; the bar is 0.
 
     .venv/bin/python benchmarks/serve_latency.py --export runs/export/demo
+    .venv/bin/python benchmarks/serve_latency.py --export runs/export/demo --workers 2
     .venv/bin/python benchmarks/serve_latency.py --run runs/demo --export runs/export/demo
 """
 
@@ -60,7 +62,7 @@ def run_one(searcher: Searcher, body: dict[str, Any]) -> Any:
     ctx = body.get("context", {})
     return searcher.search(body.get("user_id"), body.get("query"),
                            Context(ctx.get("time"), ctx.get("device"), ctx.get("location")),
-                           k=body["k"])
+                           k=body["k"], explain=body.get("explain", True))
 
 
 def main() -> None:
@@ -73,7 +75,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--target-candidates", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="threads per server process")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument("--no-explain", dest="explain", action="store_false",
+                        help="requests without per-family explanations")
     args = parser.parse_args()
     if args.run is not None:
         from kgrank.export.writer import export_run
@@ -94,7 +99,7 @@ def main() -> None:
         ctx = {k: v for k, v in (("time", int(reqs.timestamp[r])), ("device", reqs.device[r]),
                                  ("location", reqs.location[r])) if v is not None}
         body: dict[str, Any] = {"user_id": str(users[reqs.user_idx[r]]), "k": args.k,
-                                "context": ctx}
+                                "context": ctx, "explain": args.explain}
         if reqs.query[r] is not None:
             body["query"] = reqs.query[r]
         bodies.append(body)
@@ -125,9 +130,9 @@ def main() -> None:
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kgrank.cli", "-q", "serve", str(args.export),
+    proc = subprocess.Popen([sys.executable, "-m", "kgrank.serve", str(args.export),
                              "--port", str(port), "--candidates", str(n_top),
-                             "--threads", str(args.threads)],
+                             "--threads", str(args.threads), "--workers", str(args.workers)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -156,8 +161,8 @@ def main() -> None:
                 ok = False
             return time.perf_counter() - t, ok
 
-        for i in range(20):  # warm-up (not counted)
-            call(i)
+        with ThreadPoolExecutor(args.concurrency) as pool:  # warm-up (not counted)
+            list(pool.map(call, range(max(20, 4 * args.concurrency))))
         t_http = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
             out = list(tqdm(pool.map(call, range(args.requests)), total=args.requests,
@@ -177,7 +182,8 @@ def main() -> None:
           "query")
     print(f"in-process ({args.inprocess} sequential): p50 {pct(lat, 50):.1f} ms, p99 "
           f"{pct(lat, 99):.1f} ms; share " + ", ".join(f"{k} {v:.0%}" for k, v in share.items()))
-    print(f"HTTP ({args.requests} requests, concurrency {args.concurrency}): p50 "
+    print(f"HTTP ({args.requests} requests, concurrency {args.concurrency}, {args.workers} "
+          f"worker process(es) x {args.threads} thread(s)): p50 "
           f"{pct(http_lat, 50):.1f} ms, p99 {pct(http_lat, 99):.1f} ms, "
           f"{args.requests / wall:.1f} req/s, errors {errors_http}")
     fields = {
@@ -189,7 +195,7 @@ def main() -> None:
         "http_n": args.requests, "concurrency": args.concurrency,
         "http_p50_ms": round(pct(http_lat, 50), 1), "http_p99_ms": round(pct(http_lat, 99), 1),
         "http_rps": round(args.requests / wall, 1), "errors": errors_in + errors_http,
-        "threads": args.threads,
+        "threads": args.threads, "workers": args.workers, "explain": args.explain,
     }
     print("RESULT serve_latency " + " ".join(f"{k}={v}" for k, v in fields.items()))
 

@@ -121,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--candidates", type=int, help="top-N per candidate source (default: the "
                      "run's ranking.candidates)")
-    srv.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads")
+    srv.add_argument("--threads", type=int, default=1, help="torch / onnxruntime / LightGBM "
+                     "threads per worker")
+    srv.add_argument("--workers", type=int, default=1, help="uvicorn worker processes on the "
+                     "port, each with its own searcher (one per core serves requests in parallel)")
 
     cfg = sub.add_parser("config", help="show a resolved config or describe every field")
     csub = cfg.add_subparsers(dest="config_command", required=True)
@@ -308,7 +311,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port {args.port}: not a TCP port (1..65535)")
     if args.candidates is not None and args.candidates < 1:
         raise ConfigError(f"--candidates {args.candidates}: must be at least 1")
-    serve(args.export_dir, args.host, args.port, args.candidates, max(1, args.threads))
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be at least 1")
+    serve(args.export_dir, args.host, args.port, args.candidates, max(1, args.threads),
+          args.workers)
     return 0
 
 

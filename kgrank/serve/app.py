@@ -7,7 +7,8 @@ and ``/docs``. Invalid requests get 422 with ``{"error": "<field>: <problem>", "
 
 from __future__ import annotations
 
-import threading
+import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,12 @@ def _unprocessable(field: str, msg: str) -> HTTPException:
 
 
 def create_app(searcher: Searcher) -> FastAPI:
-    """The API over one :class:`Searcher` (requests are served one at a time: the searcher's
-    caches are not thread-safe, and on a CPU box parallel requests would only contend)."""
+    """The API over one :class:`Searcher`. Requests run concurrently (FastAPI's thread pool):
+    the searcher's per-part state is read-only after start-up and its query caches lock
+    themselves; the numeric kernels (numpy, onnxruntime, LightGBM) release the GIL. To use
+    several cores, run several worker processes (:func:`serve` with ``workers``)."""
     app = FastAPI(title="kgrank", version=kgrank.__version__,
                   description="Knowledge-graph-augmented multimodal search and recommendation.")
-    lock = threading.Lock()
     manifest = searcher.export.manifest
     devices, locations = set(searcher.devices), set(searcher.locations)
 
@@ -105,9 +107,7 @@ def create_app(searcher: Searcher) -> FastAPI:
         context = Context() if ctx is None else Context(
             None if ctx.time is None else int(ctx.time.timestamp()), ctx.device, ctx.location)
         filters = None if f is None else Filters(f.category, f.brand, f.min_price, f.max_price)
-        with lock:
-            res = searcher.search(body.user_id, body.query, context, body.k, filters,
-                                  body.explain)
+        res = searcher.search(body.user_id, body.query, context, body.k, filters, body.explain)
         return SearchOut(results=[hit_out(h) for h in res.hits], user_known=res.user_known,
                          cold_start=not res.user_known, n_candidates=res.n_candidates,
                          timings_ms={k: round(v * 1000, 3) for k, v in res.timings.items()})
@@ -116,8 +116,7 @@ def create_app(searcher: Searcher) -> FastAPI:
     def similar(item_id: str, k: int = Query(10, ge=1, le=MAX_K)) -> SimilarOut:
         if item_id not in searcher.item_row:
             raise HTTPException(404, f"unknown item {item_id!r}")
-        with lock:
-            pairs = searcher.similar(item_id, k)
+        pairs = searcher.similar(item_id, k)
         hits = []
         for iid, score in pairs:
             i = searcher.item_row[iid]
@@ -144,12 +143,36 @@ def create_app(searcher: Searcher) -> FastAPI:
     return app
 
 
+_WORKER_ENV = "KGRANK_SERVE_ARGS"
+"""Environment variable through which :func:`serve` passes its arguments to worker processes."""
+
+
+def _worker_app() -> FastAPI:
+    """The app of one uvicorn worker process (factory named by :func:`serve`)."""
+    from kgrank.export.loader import load
+
+    args = json.loads(os.environ[_WORKER_ENV])
+    return create_app(Searcher(load(Path(args["export_dir"])), candidates=args["candidates"],
+                               threads=args["threads"]))
+
+
 def serve(export_dir: Path, host: str = "127.0.0.1", port: int = 8000,
-          candidates: int | None = None, threads: int = 1) -> None:
-    """Load the export and serve it with uvicorn until interrupted."""
+          candidates: int | None = None, threads: int = 1, workers: int = 1) -> None:
+    """Load the export and serve it with uvicorn until interrupted. ``workers`` > 1 starts that
+    many worker processes on the one port, each with its own :class:`Searcher` (memory and
+    start-up time times ``workers``; throughput scales with the cores)."""
     import uvicorn
 
     from kgrank.export.loader import load
 
-    app = create_app(Searcher(load(export_dir), candidates=candidates, threads=threads))
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if workers == 1:
+        app = create_app(Searcher(load(export_dir), candidates=candidates, threads=threads))
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+        return
+    load(export_dir)  # fail here, once, on a bad export (not in every worker)
+    os.environ[_WORKER_ENV] = json.dumps({"export_dir": str(Path(export_dir).resolve()),
+                                          "candidates": candidates, "threads": threads})
+    uvicorn.run("kgrank.serve.app:_worker_app", factory=True, host=host, port=port,
+                workers=workers, log_level="warning")

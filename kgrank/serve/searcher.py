@@ -11,6 +11,12 @@ run``; nothing re-implemented) with serving-time stand-ins for the trained model
   test-time history (deterministic, the ranking stage's own code), then kept;
 * query text: the run's text encoder behind an LRU cache.
 
+Per request, :class:`~kgrank.serve.fastpath.FastPart` feeds those objects from state
+precomputed at start-up (no pandas on the request path); it gives what ``build_part`` gives for
+the request, bit for bit (``tests/serve/test_fastpath.py``), and :meth:`Searcher.score_part` uses
+the stage's own batch path. LightGBM runs on ``threads`` threads. The searcher is safe to call
+from several threads at once.
+
 A request is one row of :class:`~kgrank.features.requests.Requests` scored against the "test"
 history; an unknown user is a cold-start request (``user_idx`` -1: no per-user sources, the
 fusion tower from context + query). Nothing here imports training code (``kgrank.*.train``,
@@ -20,6 +26,7 @@ Ray, optimizers).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -36,9 +43,10 @@ from kgrank.export.loader import Export
 from kgrank.export.onnx import batch_arrays
 from kgrank.features.context import ContextVocab
 from kgrank.features.requests import Requests
-from kgrank.fusion.inputs import EventIndex, QueryCache, request_features
-from kgrank.ranking.ltr import top_reasons
+from kgrank.fusion.inputs import EventIndex, QueryCache, RequestFeatures, request_features
+from kgrank.ranking.ltr import BIAS, top_reasons
 from kgrank.ranking.stage import FULL, RankingInputs, RankingStage
+from kgrank.serve.fastpath import FastPart
 
 log = logging.getLogger("kgrank")
 
@@ -54,6 +62,48 @@ class StoredGraph:
 
     def embeddings(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.user, self.item
+
+
+class _Fixed(QueryCache):
+    """A query cache whose lookup answer is already known."""
+
+    def __init__(self, dim: int, rows: np.ndarray, table: torch.Tensor) -> None:
+        super().__init__(None, dim)
+        self._answer = (rows, table)
+
+    def lookup(self, queries: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        return self._answer
+
+
+def _one_query(cache: QueryCache, queries: np.ndarray) -> QueryCache:
+    """``cache.lookup`` of one request as a two-row table (the same query vector for the user
+    tower; the whole cache is not copied per request)."""
+    q = queries[0]
+    if cache.dim == 0:
+        return cache
+    if q is None:
+        return _Fixed(cache.dim, np.zeros(1, np.int64), torch.zeros(1, cache.dim))
+    if q not in cache.rows:
+        cache.lookup(queries)  # encodes and adds it
+    table = np.zeros((2, cache.dim), np.float32)
+    table[1] = cache.vectors[cache.rows[q]]
+    return _Fixed(cache.dim, np.ones(1, np.int64), torch.from_numpy(table))
+
+
+def user_index(index: EventIndex, user: int) -> EventIndex:
+    """The :class:`EventIndex` of ``user``'s events alone, sliced from an index of a whole
+    history: equal to ``EventIndex(<the history's rows of user>)`` (an empty index for -1)."""
+    lo = hi = 0
+    if user >= 0:  # a user's keys are user * span + [0, span)
+        lo = int(np.searchsorted(index.keys, user * index.span, side="left"))
+        hi = int(np.searchsorted(index.keys, (user + 1) * index.span, side="left"))
+    out = EventIndex.__new__(EventIndex)
+    out.users, out.items, out.times = (index.users[lo:hi], index.items[lo:hi],
+                                       index.times[lo:hi])
+    out.t0 = int(out.times.min()) if len(out.times) else 0
+    out.span = (int(out.times.max()) - out.t0 + 3) if len(out.times) else 3
+    out.keys = out._key(out.users, out.times)
+    return out
 
 
 class OnnxFusion:
@@ -76,25 +126,47 @@ class OnnxFusion:
         self._base = (list(self.queries.texts), self.queries.vectors.copy())
         self.max_new_queries = 4096
         """The run's cached query vectors are kept; at most this many new ones on top."""
-        self._index: tuple[int, EventIndex] | None = None
+        self._index: tuple[pd.DataFrame, EventIndex] | None = None
+        self._lock = threading.Lock()
 
     def item_emb(self) -> np.ndarray:
         return self._items
 
     def _events(self, history: pd.DataFrame) -> EventIndex:
-        if self._index is None or self._index[0] != id(history):
-            self._index = (id(history), EventIndex(history))
-        return self._index[1]
+        # keyed by the frame itself, not its id(): a collected frame's id is reused by the next
+        # one, which would then get a stale index (another request's users)
+        index = self._index
+        if index is None or index[0] is not history:
+            index = self._index = (history, EventIndex(history))
+        return index[1]
+
+    def _features(self, requests: Requests, index: EventIndex) -> RequestFeatures:
+        with self._lock:  # the query cache grows (and is reset) under the lock
+            if len(self.queries.texts) > len(self._base[0]) + self.max_new_queries:
+                fresh = QueryCache(self.queries.encode, self.queries.dim)  # bounded memory
+                if self._base[0]:
+                    fresh.add(*self._base)
+                self.queries = fresh
+            if len(requests) == 1:  # one request: a two-row query table, not the whole cache
+                queries: QueryCache = _one_query(self.queries, requests.query)
+            else:
+                queries = self.queries
+            return request_features(requests, index, self.vocab, queries, self.history_len,
+                                    strict=False)
 
     def user_vectors(self, requests: Requests, history: pd.DataFrame, chunk: int = 4096
                      ) -> np.ndarray:
-        if len(self.queries.texts) > len(self._base[0]) + self.max_new_queries:
-            fresh = QueryCache(self.queries.encode, self.queries.dim)  # bounded memory
-            if self._base[0]:
-                fresh.add(*self._base)
-            self.queries = fresh
-        feats = request_features(requests, self._events(history), self.vocab, self.queries,
-                                 self.history_len, strict=False)
+        return self._run(self._features(requests, self._events(history)), chunk)
+
+    def vectors_at(self, requests: Requests, index: EventIndex) -> np.ndarray:
+        """``user_vectors`` of one request from an index of the whole history: the same as
+        ``user_vectors(requests, <the user's events>)``, without building an index per call."""
+        if len(requests) != 1:
+            raise ValueError(f"vectors_at takes one request, got {len(requests)}")
+        return self._run(self._features(requests, user_index(index, int(requests.user_idx[0]))),
+                         1)
+
+    def _run(self, feats: RequestFeatures, chunk: int) -> np.ndarray:
         out = [np.zeros((0, self._items.shape[1]), np.float32)]
         for lo in range(0, len(feats), chunk):
             rows = np.arange(lo, min(lo + chunk, len(feats)))
@@ -113,8 +185,24 @@ class LRUEncoder:
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.seconds = 0.0
         self.hits = self.misses = 0
+        self._lock = threading.Lock()
+        """Concurrent requests share the cache (and the encoder, which runs under the lock)."""
+        self._local = threading.local()
 
     def __call__(self, texts: Sequence[str | None]) -> np.ndarray:
+        t0 = time.perf_counter()
+        try:
+            with self._lock:
+                return self._call(texts)
+        finally:  # this thread's time, waiting for the lock included
+            self._local.seconds = self.thread_seconds() + time.perf_counter() - t0
+
+    def thread_seconds(self) -> float:
+        """Seconds the calling thread has spent in this encoder (per-request timings stay
+        right while other threads encode)."""
+        return float(getattr(self._local, "seconds", 0.0))
+
+    def _call(self, texts: Sequence[str | None]) -> np.ndarray:
         t0 = time.perf_counter()
         keys = [t or "" for t in texts]
         new = sorted({k for k in keys if k not in self.cache})
@@ -169,7 +257,8 @@ class SearchResult:
     user_known: bool
     n_candidates: int
     timings: dict[str, float] = field(default_factory=dict)
-    """Seconds per step: query_embed, candidates (ANN + source scores), features, ltr."""
+    """Seconds per step: query_embed, candidates (source scores + top-N union), features (the
+    LTR table), ltr (LightGBM predict + ordering), explain (per-family TreeSHAP of the hits)."""
 
 
 def _baselines(export: Export, cfg: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
@@ -242,7 +331,11 @@ class Searcher:
         self.history = self.stage._fitted(PART, "history", lambda: self.split.history(PART))
         self.t_end = int(self.history["timestamp"].max().timestamp()) if len(self.history) else 0
         self._columns: list[int] | None = None
-        self.warm()
+        self.threads = threads
+        self._family_matrix = self.ltr._family_matrix()
+        self.fast: FastPart | None = None
+        self.warm()  # the stage's own path fits and keeps the part's history models
+        self.fast = FastPart(self.stage, PART)
         log.info("searcher ready in %.1fs", time.perf_counter() - t0)
 
     # ----------------------------------------------------------------------------------- vocab
@@ -300,23 +393,26 @@ class Searcher:
         """Rank the candidates of one request; the top ``k`` with explanations."""
         timings: dict[str, float] = {}
         encoders = [e for e in (self.query_text, self.query_image) if e is not None]
-        enc0 = sum(e.seconds for e in encoders)
+        enc0 = sum(e.thread_seconds() for e in encoders)
         t0 = time.perf_counter()
         req = self.requests(user_id, query, ctx)
-        data = self.stage.build_part(PART, req)
+        data = self.stage.build_part(PART, req) if self.fast is None else self.fast.build(req)
         t1 = time.perf_counter()
-        timings["query_embed"] = sum(e.seconds for e in encoders) - enc0
+        timings["query_embed"] = sum(e.thread_seconds() for e in encoders) - enc0
         timings["candidates"] = t1 - t0 - timings["query_embed"]
         x, names, _, _cells, items = self.stage.table(data, np.array([0]))
         x = x[:, self.feature_columns(names)]
         t2 = time.perf_counter()
         timings["features"] = t2 - t1
-        pred = self.ltr.predict(x)
+        pred = self.predict(x)
         keep = self._keep(items, filters)
-        order = [j for j in np.argsort(-pred, kind="stable") if keep[j]][:k]
+        ranked = np.argsort(-pred, kind="stable")
+        order = [int(j) for j in (ranked if filters is None else ranked[keep[ranked]])[:k]]
         hits: list[Hit] = []
+        t3 = time.perf_counter()
+        timings["ltr"] = t3 - t2
         if order:
-            contrib, fams = (self.ltr.explain(x[order]) if explain
+            contrib, fams = (self.explain(x[order]) if explain
                              else (np.zeros((len(order), 0)), []))
             for r, j in enumerate(order):
                 i = int(items[j])
@@ -324,8 +420,26 @@ class Searcher:
                 hits.append(Hit(self.item_ids[i], float(pred[j]), self.titles[i],
                                 self.images[i], _num(self.prices[i]), why,
                                 top_reasons(contrib[r], fams) if explain else []))
-        timings["ltr"] = time.perf_counter() - t2
+        timings["explain"] = time.perf_counter() - t3
         return SearchResult(hits, bool(req.user_idx[0] >= 0), int(len(items)), timings)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """``self.ltr.predict(x)`` on ``self.threads`` LightGBM threads (its default is every
+        core, which concurrent requests would oversubscribe)."""
+        booster = self.ltr.booster
+        assert booster is not None
+        return np.asarray(booster.predict(x, num_iteration=self.ltr.best_iteration,
+                                          raw_score=True, num_threads=self.threads), np.float64)
+
+    def explain(self, x: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """``self.ltr.explain(x)`` (per-family TreeSHAP) on ``self.threads`` threads."""
+        booster = self.ltr.booster
+        assert booster is not None
+        raw = np.asarray(booster.predict(x, num_iteration=self.ltr.best_iteration,
+                                         pred_contrib=True, num_threads=self.threads),
+                         np.float64)
+        return (np.column_stack([raw[:, :-1] @ self._family_matrix, raw[:, -1]]),
+                [*self.ltr.family_names, BIAS])
 
     def similar(self, item_id: str, k: int = 10) -> list[tuple[str, float]]:
         """Nearest items by fused embedding (FAISS inner product), the item itself excluded."""

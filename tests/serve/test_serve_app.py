@@ -49,7 +49,7 @@ def test_search_ranks_with_explanations(client: TestClient, searcher: Searcher) 
         assert set(hit["why"]) <= FAMILIES and "bias" in hit["why"]
         assert sum(hit["why"].values()) == pytest.approx(hit["score"], abs=1e-3)
         assert set(hit["reasons"]) <= FAMILIES - {"bias"}
-    assert set(out["timings_ms"]) == {"query_embed", "candidates", "features", "ltr"}
+    assert set(out["timings_ms"]) == {"query_embed", "candidates", "features", "ltr", "explain"}
     # the same request twice: the same ranking (the query embedding now comes from the cache)
     again = client.post("/search", json=body).json()
     assert [h["item_id"] for h in again["results"]] == [h["item_id"] for h in out["results"]]

@@ -10,6 +10,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -43,17 +45,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tiny: TinyExport, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextmanager
+def running_server(export_dir: Path, log: Path, *extra: str, timeout: float = 120
+                   ) -> Iterator[str]:
+    """``kgrank serve EXPORT --port P *extra`` (through :data:`SERVER`) on a free loopback
+    port, its URL once ``/healthz`` answers; terminated on exit."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", SERVER, "-q", "serve",
-                                 str(tiny.export_dir), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-c", SERVER, "-q", "serve", str(export_dir),
+                                 "--port", str(port), *extra],
                                 stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"kgrank serve exited with {proc.returncode}:\n{log.read_text()}")
@@ -68,7 +72,14 @@ def server(tiny: TinyExport, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield url
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny: TinyExport, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_server(tiny.export_dir, tmp_path_factory.mktemp("server") / "server.log",
+                        timeout=90) as url:
+        yield url
 
 
 def test_cli_server_answers_over_http(server: str) -> None:
@@ -128,3 +139,31 @@ def test_page_in_headless_chromium(server: str) -> None:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_worker_processes_serve_concurrent_requests(tiny: TinyExport,
+                                                   tmp_path_factory: pytest.TempPathFactory
+                                                   ) -> None:
+    """``kgrank serve --workers 2``: two processes on one port answer concurrent
+    searches, each the same ranking as the in-process searcher."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kgrank.export import load
+    from kgrank.serve.searcher import Context, Searcher
+
+    log = tmp_path_factory.mktemp("workers") / "server.log"
+    with running_server(tiny.export_dir, log, "--workers", "2") as url:
+        searcher = Searcher(load(tiny.export_dir))
+        queries = ["shoes", "red linen shirt", None, "blue"]
+
+        def post(i: int) -> list[str]:
+            body = {"k": 5, **({"query": queries[i % 4]} if queries[i % 4] else {})}
+            r = httpx.post(f"{url}/search", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            return [h["item_id"] for h in r.json()["results"]]
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, range(24)))
+        for i, got in enumerate(answers):
+            want = searcher.search(None, queries[i % 4], Context(), k=5)
+            assert got == [h.item_id for h in want.hits]

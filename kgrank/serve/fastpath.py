@@ -1,0 +1,167 @@
+"""The per-request fast path of :class:`kgrank.serve.searcher.Searcher`.
+
+:meth:`RankingStage.build_part` with a ``requests`` argument is the reference for one request:
+it is built for batches, so each call re-derives per-part state from the part's history (a
+pandas slice of the users' events, their timestamps in seconds, an event index for the fusion
+user tower, the normalised graph embeddings, transposed item matrices). :class:`FastPart` does
+that once at start-up and then, for each request, feeds the **same** objects the stage uses
+(:class:`~kgrank.ranking.table.PartFeatures`, the fitted baselines and behaviour features,
+:func:`~kgrank.ranking.candidates.generate_candidates`, :meth:`RankingStage.table`) with the
+request's own inputs gathered from arrays. The sources are registered in the stage's order, so
+the candidates, their order and the feature table are identical to the stage's (the serving
+tests compare them request by request).
+
+Everything here is read-only after :meth:`FastPart.__init__`: one instance serves concurrent
+requests (the query caches it reads through lock themselves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kgrank.data.split import Part
+from kgrank.features.history import RequestHistory
+from kgrank.features.requests import Requests, to_seconds
+from kgrank.fusion.inputs import EventIndex
+from kgrank.ranking.candidates import generate_candidates
+from kgrank.ranking.stage import USER_INDEPENDENT, RankingStage, _encode_queries, _PartData
+from kgrank.ranking.table import PartFeatures
+
+Source = Callable[[np.ndarray], torch.Tensor]
+
+
+class FastPart:
+    """Per-part state of the request path, precomputed from a warmed-up ``RankingStage``
+    (``keep_fitted`` on, :meth:`RankingStage.build_part` run once for ``part``)."""
+
+    def __init__(self, stage: RankingStage, part: Part) -> None:
+        from kgrank.features.behaviour import FEATURE_FAMILIES
+
+        if not stage.keep_fitted:
+            raise ValueError("FastPart needs a RankingStage with keep_fitted")
+        if stage.inputs.fusion_without:
+            raise ValueError("FastPart serves no fusion ablation variants")
+        self.stage, self.part = stage, part
+        self.families = FEATURE_FAMILIES
+        split = stage.split
+        self.n_items = split.n_items
+        history: pd.DataFrame = stage._fitted(part, "history", lambda: split.history(part))
+        self.behaviour = stage._fit_cache[(part, "behaviour")]
+        self.baselines = [(name, stage._fit_cache[(part, name)])
+                          for name in stage.inputs.baselines]
+        self.embeddings = stage._embeddings(part)
+        self.graph = []
+        for name, res in stage.inputs.graph.items():
+            u, i = res.embeddings(part)
+            self.graph.append((name, u, i.T.contiguous()))
+        self.fusion_t = (None if stage.fusion_item is None
+                         else torch.from_numpy(stage.fusion_item.T.copy()))
+        self.events = EventIndex(history)
+        """The fusion user tower's window index over the whole part history (a user's windows
+        read only that user's events, as with the per-request history the stage passes)."""
+        # the history's events in request_history's order: by (user, time), original order
+        # inside a timestamp; with each event's timestamp ordinal inside its user
+        h_user = history["user_idx"].to_numpy(dtype=np.int64)
+        h_ts = to_seconds(history["timestamp"]) if len(history) else np.zeros(0, np.int64)
+        h_item = history["item_idx"].to_numpy(dtype=np.int64)
+        order = np.lexsort((h_ts, h_user))
+        self.h_user, self.h_ts, self.h_item = h_user[order], h_ts[order], h_item[order]
+        new_user = np.ones(len(order), dtype=bool)
+        new_user[1:] = self.h_user[1:] != self.h_user[:-1]
+        new_group = new_user.copy()
+        new_group[1:] |= self.h_ts[1:] != self.h_ts[:-1]
+        group_id = np.cumsum(new_group) - 1
+        self.ordinal = group_id - np.maximum.accumulate(np.where(new_user, group_id, 0))
+        # each user's items in the history's original row order (what the evaluator masks)
+        by_user = np.argsort(h_user, kind="stable")
+        self.u_sorted, self.u_items = h_user[by_user], h_item[by_user]
+        self._no_user = pd.Series(np.zeros(0, np.int64), dtype=np.int64)
+
+    # ---------------------------------------------------------------------------- per request
+
+    def _history(self, user: int, t: int) -> RequestHistory:
+        """:func:`kgrank.features.history.request_history` of one request."""
+        if user < 0:
+            z = np.zeros(0, np.int64)
+            return RequestHistory(z, z, z, z, 1)
+        lo = int(np.searchsorted(self.h_user, user, side="left"))
+        hi = int(np.searchsorted(self.h_user, user, side="right"))
+        end = lo + int(np.searchsorted(self.h_ts[lo:hi], t, side="right"))
+        idx = np.arange(lo, end, dtype=np.int64)
+        n_groups = self.ordinal[end - 1] + 1 if end > lo else 0
+        g = n_groups - 1 - self.ordinal[idx]
+        return RequestHistory(np.zeros(len(idx), np.int64), self.h_item[idx], self.h_ts[idx],
+                              g.astype(np.int64), 1)
+
+    def _exclude(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        if user < 0:
+            return np.zeros(2, np.int64), np.zeros(0, np.int64)
+        lo = int(np.searchsorted(self.u_sorted, user, side="left"))
+        hi = int(np.searchsorted(self.u_sorted, user, side="right"))
+        return np.array([0, hi - lo], np.int64), self.u_items[lo:hi]
+
+    def build(self, requests: Requests) -> _PartData:
+        """What ``stage.build_part(part, requests)`` returns for one request."""
+        if len(requests) != 1:
+            raise ValueError(f"FastPart.build takes one request, got {len(requests)}")
+        stage, rc, inputs = self.stage, self.stage.rc, self.stage.inputs
+        user = int(requests.user_idx[0])
+        cold = user < 0
+        emb = self.embeddings
+        query_emb: dict[str, np.ndarray] = {}
+        if inputs.encode_query_text is not None and "text" in emb:
+            query_emb["text"] = _encode_queries(inputs.encode_query_text, requests.query,
+                                                emb["text"][0].shape[1])
+        if inputs.encode_query_image is not None and "image" in emb:
+            query_emb["image"] = _encode_queries(inputs.encode_query_image, requests.query,
+                                                 emb["image"][0].shape[1])
+        feats = PartFeatures(requests, self._history(user, int(requests.timestamp[0])),
+                             self.n_items, emb, query_emb, stage.tokens, stage.vocab,
+                             stage.demographics, self.behaviour, self.families, rc.half_life,
+                             rc.history_len)
+        wanted = set(rc.sources)
+        sources: dict[str, Source] = {}
+        extra: dict[str, Source] = {}
+
+        def add(name: str, fn: Source, group: str) -> None:
+            (sources if group in wanted else extra)[name] = fn
+
+        masked = torch.full((1, self.n_items), -torch.inf)
+
+        def by_user(model: Any, per_user: bool) -> Source:
+            if cold and per_user:
+                return lambda rows: masked
+            at = np.array([max(user, 0)], np.int64)
+            return lambda rows: model.score(at)
+
+        for name, model in self.baselines:
+            add(name, by_user(model, name not in USER_INDEPENDENT), name)
+        def dot(user_mat: torch.Tensor, item_t: torch.Tensor) -> Source:
+            # indexed as the stage does: a fresh copy of the row (BLAS results can depend on the
+            # operands' memory alignment)
+            return lambda rows: user_mat[torch.from_numpy(np.asarray(rows))] @ item_t
+
+        def profile(name: str) -> Source:
+            return lambda rows: feats.profile_scores(name, rows)
+
+        for name, u, item_t in self.graph:
+            add(name, (lambda rows: masked) if cold else
+                dot(u[torch.from_numpy(np.maximum(requests.user_idx, 0))], item_t), "graph")
+        if inputs.fusion is not None and self.fusion_t is not None:
+            uvec = torch.from_numpy(np.asarray(
+                inputs.fusion.vectors_at(requests, self.events), np.float32))
+            add("fusion", dot(uvec, self.fusion_t), "fusion")
+        for name in ("text", "image"):
+            if name in emb:
+                add(name, profile(name), name)
+        if "text" in query_emb:
+            add("query", feats.query_scores, "query")
+        cands = generate_candidates(sources, np.arange(1), self._exclude(user), rc.candidates,
+                                    batch_size=stage.cfg.eval.batch_size, progress=False,
+                                    extra=extra)
+        return _PartData(self.part, requests, feats, cands, self._no_user)

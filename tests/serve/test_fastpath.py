@@ -1,0 +1,134 @@
+"""The searcher's per-request fast path against the ranking stage's own path: the same
+candidates, scores, ranks and feature table, bit for bit; LightGBM on one thread gives the
+model's scores and explanations; concurrent searches give the sequential answers."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kgrank.export import load
+from kgrank.features.requests import Requests, requests_for_targets
+from kgrank.fusion.inputs import EventIndex
+from kgrank.serve.searcher import PART, Context, Searcher, user_index
+from tests.export.tiny import TinyExport, tiny_export
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
+    return tiny_export(tmp_path_factory)  # made once per session (cached in tests.export.tiny)
+
+
+@pytest.fixture(scope="module")
+def searcher(tiny: TinyExport) -> Searcher:
+    return Searcher(load(tiny.export_dir))
+
+
+def _requests(searcher: Searcher, n: int) -> list[Requests]:
+    """Test requests replayed one by one, varied: cold users, new and missing queries, earlier
+    times (part of the history not yet seen), unknown context."""
+    reqs = requests_for_targets(searcher.split.test)
+    users = searcher.dataset.users["user_id"].to_numpy()
+    out = []
+    for j, r in enumerate(np.random.default_rng(3).permutation(len(reqs))[:n]):
+        user = "nobody-ever" if j % 7 == 0 else str(users[reqs.user_idx[r]])
+        query = ("red linen shirt" if j % 5 == 0 else None if j % 5 == 1 else reqs.query[r])
+        t = int(reqs.timestamp[r]) - (86_400 * 20 if j % 3 == 0 else 0)
+        device = None if j % 4 == 0 else reqs.device[r]
+        out.append(searcher.requests(user, query, Context(t, device, reqs.location[r])))
+    return out
+
+
+def test_fast_path_equals_the_stage_path(searcher: Searcher) -> None:
+    assert searcher.fast is not None
+    requests = _requests(searcher, 60)
+    assert {int(r.user_idx[0]) < 0 for r in requests} == {True, False}
+    for req in requests:
+        ref = searcher.stage.build_part(PART, req)
+        got = searcher.fast.build(req)
+        a, b = ref.candidates, got.candidates
+        assert np.array_equal(a.items, b.items)
+        assert list(a.scores) == list(b.scores) and list(a.ranks) == list(b.ranks)
+        for name in a.scores:
+            assert np.array_equal(a.scores[name], b.scores[name], equal_nan=True), name
+        for name in a.ranks:
+            assert np.array_equal(a.ranks[name], b.ranks[name]), name
+        assert np.array_equal(a.n_sources_hit, b.n_sources_hit)
+        xa, na, fa, ca, ia = searcher.stage.table(ref, np.array([0]))
+        xb, nb, fb, cb, ib = searcher.stage.table(got, np.array([0]))
+        assert na == nb and fa == fb
+        assert np.array_equal(ia, ib) and np.array_equal(ca, cb)
+        assert np.array_equal(xa, xb, equal_nan=True)
+
+
+def test_search_ranks_as_through_the_stage(searcher: Searcher) -> None:
+    fast = searcher.fast
+    known = next(iter(searcher.user_row))
+    bodies = [("nobody-ever", "blue", Context()),
+              (known, "shoes", Context(device=searcher.devices[0])), (known, None, Context())]
+    try:
+        quick = [searcher.search(u, q, c, k=8) for u, q, c in bodies]
+        searcher.fast = None  # the stage's build_part for the same requests
+        slow = [searcher.search(u, q, c, k=8) for u, q, c in bodies]
+    finally:
+        searcher.fast = fast
+    for a, b in zip(quick, slow, strict=True):
+        assert [h.item_id for h in a.hits] == [h.item_id for h in b.hits]
+        assert [h.score for h in a.hits] == [h.score for h in b.hits]
+        assert [h.why for h in a.hits] == [h.why for h in b.hits]
+        assert a.n_candidates == b.n_candidates
+
+
+def test_single_thread_lightgbm_matches_the_model(searcher: Searcher) -> None:
+    data = searcher.fast.build(_requests(searcher, 1)[0]) if searcher.fast else None
+    assert data is not None
+    x, names, *_ = searcher.stage.table(data, np.array([0]))
+    x = x[:, searcher.feature_columns(names)]
+    assert np.array_equal(searcher.predict(x), searcher.ltr.predict(x))
+    got, fams = searcher.explain(x[:5])
+    want, want_fams = searcher.ltr.explain(x[:5])
+    assert fams == want_fams and np.array_equal(got, want)
+    assert np.allclose(got.sum(1), searcher.predict(x[:5]), atol=1e-9)
+
+
+def test_user_index_is_the_index_of_the_users_events(searcher: Searcher) -> None:
+    history: pd.DataFrame = searcher.history
+    full = EventIndex(history)
+    for user in [-1, *np.unique(history["user_idx"].to_numpy())[:25].tolist()]:
+        own = EventIndex(history[history["user_idx"] == user])
+        got = user_index(full, int(user))
+        for attr in ("users", "items", "times", "keys"):
+            assert np.array_equal(getattr(got, attr), getattr(own, attr)), (user, attr)
+        assert (got.t0, got.span) == (own.t0, own.span)
+
+
+def test_stage_path_fusion_is_stable_across_requests(searcher: Searcher) -> None:
+    """Per-request history frames are built and dropped one after another, so a new frame can
+    get a dropped frame's id(); the fusion tower's index must follow the frame, not the id."""
+    fusion = searcher.stage.inputs.fusion
+    requests = [r for r in _requests(searcher, 40) if r.user_idx[0] >= 0]
+    first = [fusion.user_vectors(r, searcher.stage._own_history(PART, searcher.history,
+                                                                 r.user_idx))
+             for r in requests]
+    for r, want in zip(requests, first, strict=True):
+        assert np.array_equal(fusion.vectors_at(r, searcher.fast.events), want)
+        own = searcher.stage._own_history(PART, searcher.history, r.user_idx)
+        assert np.array_equal(fusion.user_vectors(r, own), want)
+
+
+def test_concurrent_searches_answer_as_sequential_ones(searcher: Searcher) -> None:
+    users = list(searcher.user_row)[:12] + ["nobody-ever"]
+    queries = [None, "shoes", "red linen shirt", "blue cotton", "warm coat x"]
+    bodies = [(users[i % len(users)], queries[i % len(queries)]) for i in range(40)]
+
+    def one(body: tuple[str, str | None]) -> list[tuple[str, float, dict[str, float]]]:
+        res = searcher.search(body[0], body[1], Context(), k=6)
+        return [(h.item_id, h.score, h.why) for h in res.hits]
+
+    sequential = [one(b) for b in bodies]
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(one, bodies * 3))
+    assert concurrent == sequential * 3

@@ -12,7 +12,7 @@ else
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: demo test lint install clean-venv
+.PHONY: demo ablations test lint install clean-venv
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/kgrank run configs/demo.yaml
+
+# the demo run plus leave-one-modality-out ablations (a fusion network and a ranker per family)
+ablations: $(VENV)/.installed
+	$(BIN)/kgrank run configs/demo.yaml ranking.ablations=true name=demo-ablations
 
 test: $(VENV)/.installed
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q

@@ -132,6 +132,7 @@ def stage_config(models: dict[str, str], cache: Path, *extra: str) -> RunConfig:
         "data.path=unused", "eval.bootstrap=0", "encoders.modalities=[text,image]",
         f"encoders.text.model={models['text']}", "encoders.text.batch_size=16",
         f"encoders.image.model_name={models['image']}", "encoders.image.batch_size=16",
+        "encoders.image.image_size=null",  # the tiny model's own 32 px (demo.yaml sets 112)
         f"encoders.cache_dir={cache}", "encoders.profile_half_life=[1.0,1000.0]", *extra,
     ])
 

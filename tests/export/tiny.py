@@ -41,6 +41,7 @@ def tiny_export(factory: pytest.TempPathFactory) -> TinyExport:
         "encoders.modalities=[text,image]", f"encoders.cache_dir={out / 'cache'}",
         f"encoders.text.model={models['text']}", "encoders.text.batch_size=64",
         f"encoders.image.model_name={models['image']}", "encoders.image.batch_size=64",
+        "encoders.image.image_size=null",  # the tiny model's own 32 px (demo.yaml sets 112)
         "encoders.profile_half_life=[1000.0]",
         "fusion.epochs=1", "fusion.batch_size=256", "fusion.negatives=32",
         "ranking.candidates=20", "ranking.ltr.n_estimators=20", "ranking.ltr.threads=1",

@@ -339,6 +339,12 @@ class RankingConfig(_Strict):
         "different sessions (session features: previous-session transitions). 0: every "
         "timestamp is its own session.",
     )
+    neighbours: int = Field(
+        0, ge=0, description="Neighbourhood taste features (nbr_*): the requesting user's k most "
+        "similar users (mean cosine of leaf-category, brand, attribute-value and item profiles) "
+        "and their similarity-weighted category / brand / attribute / item shares and price "
+        "level. 0: no neighbourhood features.",
+    )
     ablations: bool = Field(
         True, description="Also train leave-one-modality-out LTR models (graph, text, image, "
         "behaviour, context, query families).",

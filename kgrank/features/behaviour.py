@@ -20,6 +20,10 @@ Time rules (``t`` = the request timestamp):
   cosine matrices and ``pop_all`` are fitted once on the whole history, as the baselines are; only
   *which* user items they are read from follows the request time.
 
+* **neighbourhood taste** (``nbr_*``, :mod:`kgrank.features.neighbours`) - the requesting user's
+  profile from their events ``<= t``; their ``k`` most similar users' profiles are fitted on the
+  whole history (like the item-item statistics), never including the user's own.
+
 Item attributes: the primary category is the item's first path in ``categories`` (``"A > B > C"``;
 a plain name is a one-level path). ``leaf`` is the full path, ``parent`` drops the last level and
 ``top`` is the first level below the root shared by every categorized item (Amazon Beauty's
@@ -37,6 +41,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from kgrank.features.neighbours import (
+    NeighbourIndex,
+    neighbour_feature_names,
+)
 from kgrank.features.requests import Requests, to_seconds
 
 DAY = 86_400
@@ -131,7 +139,15 @@ GLOBAL_FEATURES: frozenset[str] = frozenset(
      "sess_prev_leaf_lift"}
 )
 """Features that read item-item statistics (or counts) fitted on the whole history; all other
-features use only events before the request (``<= t`` for the user, ``< t`` for other users)."""
+features use only events before the request (``<= t`` for the user, ``< t`` for other users).
+The neighbourhood features (:func:`is_global`) read other users' whole-history profiles too."""
+
+
+def is_global(name: str) -> bool:
+    """Whether feature ``name`` reads statistics fitted on the whole history: the
+    :data:`GLOBAL_FEATURES` and the neighbourhood features ``nbr_*`` (whose requesting user's own
+    profile still uses only events ``<= t``)."""
+    return name in GLOBAL_FEATURES or name.startswith("nbr_")
 
 
 def attribute_feature_names(attributes: Sequence[str]) -> tuple[str, ...]:
@@ -530,11 +546,17 @@ class BehaviourFeatures:
     leaf_next_share: np.ndarray = field(default_factory=lambda: np.zeros(1), repr=False)
     attributes: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     """item column -> int64 value code per item (-1 = missing)."""
+    nbr: NeighbourIndex | None = field(default=None, repr=False)
+    """Neighbourhood profiles (None: no ``nbr_*`` features)."""
 
     @property
     def feature_names(self) -> tuple[str, ...]:
-        """:data:`FEATURE_NAMES` plus the attribute-affinity features of the fitted columns."""
-        return FEATURE_NAMES + attribute_feature_names(list(self.attributes))
+        """:data:`FEATURE_NAMES` plus the attribute-affinity features of the fitted columns and,
+        with neighbours, the neighbourhood features
+        (:data:`kgrank.features.neighbours.NEIGHBOUR_DOCS`)."""
+        attrs = list(self.attributes)
+        nbr = neighbour_feature_names(attrs) if self.nbr is not None else ()
+        return FEATURE_NAMES + attribute_feature_names(attrs) + nbr
 
     @classmethod
     def fit(
@@ -547,16 +569,20 @@ class BehaviourFeatures:
         half_life: float = 2.0,
         attributes: Sequence[str] = (),
         session_gap_s: int = SESSION_GAP_S,
+        neighbours: int = 0,
     ) -> BehaviourFeatures:
         """Index ``history`` (``user_idx``, ``item_idx``, ``timestamp`` [, ``device``,
         ``location``, ``session_id``]) and the items table (row ``i`` = item ``i``).
 
         ``attributes`` names categorical item columns (e.g. ``colour``) that get
-        attribute-affinity features; ``session_gap_s`` splits a user's events into sessions."""
+        attribute-affinity features; ``session_gap_s`` splits a user's events into sessions;
+        ``neighbours`` is the neighbourhood size of the ``nbr_*`` features (0: none; the demo
+        uses :data:`kgrank.features.neighbours.NEIGHBOURS`)."""
         if len(items) != n_items:
             raise ValueError(f"items has {len(items)} rows, not n_items={n_items}")
-        if history_len < 1 or half_life <= 0 or session_gap_s < 0:
-            raise ValueError("history_len must be >= 1, half_life > 0 and session_gap_s >= 0")
+        if history_len < 1 or half_life <= 0 or session_gap_s < 0 or neighbours < 0:
+            raise ValueError("history_len must be >= 1, half_life > 0, session_gap_s >= 0 and "
+                             "neighbours >= 0")
         missing = [c for c in attributes if c not in items.columns]
         if missing:
             raise ValueError(f"attribute columns {missing} are not in the items table "
@@ -598,6 +624,14 @@ class BehaviourFeatures:
         sess_first, leaf_trans, leaf_next = _session_leaf_transitions(
             s_user, s_ts, gid, group_start, s_item, leaf, session_gap_s)
         attr_codes = {str(c): _attribute_codes(items[c]) for c in attributes}
+        nbr = None
+        if neighbours > 0:
+            codes = {"leaf": leaf, "parent": parent, "brand": brand,
+                     **{f"attr_{c}": v for c, v in attr_codes.items()}}
+            nbr = NeighbourIndex.fit(
+                user, item, n_users, n_items, codes,
+                ("leaf", "brand", *(f"attr_{c}" for c in attr_codes), "item"),
+                np.where(np.isfinite(log_price), price_vs_leaf, np.nan), neighbours)
         return cls(
             n_users=n_users,
             n_items=n_items,
@@ -631,6 +665,7 @@ class BehaviourFeatures:
             leaf_trans=leaf_trans,
             leaf_next_share=leaf_next,
             attributes=attr_codes,
+            nbr=nbr,
         )
 
     def transform(self, requests: Requests, candidates: np.ndarray) -> dict[str, np.ndarray]:
@@ -797,6 +832,10 @@ class BehaviourFeatures:
         keys, s_max = _segment_max(owner[k] * self.n_items + col, p)
         f["knn_max"] = _lookup(keys, s_max, qk)
         f.update(self._session_features(t, start, stop, has, rf, cand))
+        if self.nbr is not None:  # the user's events <= t (not only the considered history)
+            q_owner, q_ev = _ranges(np.where(has, start, 0), np.where(has, stop, 0))
+            f.update(self.nbr.features(np.where(known, user, -1), q_owner, self.ev_item[q_ev],
+                                       rf, cand, list(self.attributes)))
 
         # ---- request-time popularity (events strictly before t)
         irank = self.item_times.rank(cand)

@@ -201,7 +201,8 @@ class RankingStage:
         behaviour = self._fitted(part, "behaviour", lambda: BehaviourFeatures.fit(
             history, self.dataset.items, split.n_users, n_items,
             history_len=self.rc.history_len, half_life=self.rc.half_life,
-            attributes=self.rc.attributes, session_gap_s=self.rc.session_gap_s))
+            attributes=self.rc.attributes, session_gap_s=self.rc.session_gap_s,
+            neighbours=self.rc.neighbours))
         # per-request inputs read only the requesting users' events (identical results); serving
         # passes just those rows instead of scanning the part's whole history per request
         own = self._own_history(part, history, requests.user_idx) if self.keep_fitted else history

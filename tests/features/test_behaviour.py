@@ -10,7 +10,9 @@ from kgrank.features.behaviour import (
     GLOBAL_FEATURES,
     NO_EVENT_DAYS,
     BehaviourFeatures,
+    is_global,
 )
+from kgrank.features.neighbours import NEIGHBOUR_DOCS, neighbour_feature_names
 from kgrank.features.requests import Requests
 
 DAY = 86_400
@@ -64,9 +66,11 @@ def _requests(users: list[int], times: list[int], device: list[str | None] | Non
 
 
 def _fit(history: pd.DataFrame, items: pd.DataFrame = ITEMS, n_users: int = 4,
-         half_life: float = 1.0, attributes: tuple[str, ...] = ()) -> BehaviourFeatures:
+         half_life: float = 1.0, attributes: tuple[str, ...] = (),
+         neighbours: int = 50) -> BehaviourFeatures:
     return BehaviourFeatures.fit(history, items, n_users, len(items), history_len=20,
-                                 half_life=half_life, attributes=attributes)
+                                 half_life=half_life, attributes=attributes,
+                                 neighbours=neighbours)
 
 
 # a categorical attribute column with a missing value and a non-string value
@@ -131,11 +135,17 @@ def test_events_after_the_request_change_no_request_time_feature() -> None:
                      [3, 3, 0, 1, 2, 4]])
     base = _fit(_history(TOY), COLOURED, attributes=("colour",)).transform(req, cand)
     assert "attr_colour_share" in base and "sess_prev_leaf_trans" in base
+    nbr = [name for name in base if name.startswith("nbr_")]
+    assert nbr == list(neighbour_feature_names(["colour"]))
+    for name in ("nbr_leaf_share", "nbr_brand_share", "nbr_attr_colour_share",
+                 "nbr_item_share"):
+        assert (base[name] != 0).any(), name
     for r in range(len(req)):
         t, user = int(req.timestamp[r]), int(req.user_idx[r])
         future = [
             (user, 4, t + 1, "mobile", "Berlin", "s2"),  # the request's user, 1 s later
             (user, 5, t + 9 * DAY, "desktop", "Paris", "s9"),
+            (user, 2, t + 9 * DAY, "desktop", "Paris", "s9"),  # an item other users have
             (3, 0, t + 1, "mobile", "Berlin", "s7"),  # other users
             (3, 1, t + 2, "mobile", "Berlin", "s7"),
             ((user + 1) % 3, 4, t + DAY, "desktop", "Paris", "s8"),
@@ -143,8 +153,15 @@ def test_events_after_the_request_change_no_request_time_feature() -> None:
         planted = _fit(_history(TOY + future), COLOURED, attributes=("colour",)).transform(
             req.take(np.array([r])), cand[r:r + 1])
         for name in base:
-            if name not in GLOBAL_FEATURES:
+            if not is_global(name):
                 np.testing.assert_array_equal(base[name][r], planted[name][0], err_msg=name)
+        # the user's own later events: other users' profiles are unchanged and the user's own
+        # (whole-history) profile is never a neighbour, so the nbr_* features cannot move
+        own = _fit(_history(TOY + future[:3]), COLOURED, attributes=("colour",)).transform(
+            req.take(np.array([r])), cand[r:r + 1])
+        for name in base:
+            if name not in GLOBAL_FEATURES:
+                np.testing.assert_array_equal(base[name][r], own[name][0], err_msg=name)
 
 
 def test_popularity_ignores_events_at_the_request_time() -> None:
@@ -197,21 +214,27 @@ def test_same_time_order_and_item_ids_do_not_matter() -> None:
                     location=[str(rng.choice(["Berlin", "Paris"])) for _ in range(n_users)])
     cand = np.stack([rng.permutation(n_items)[:12] for _ in range(n_users)])
     base = BehaviourFeatures.fit(history, items, n_users, n_items, 3, 2.0, attributes=["colour"],
-                                 session_gap_s=DAY).transform(req, cand)
+                                 session_gap_s=DAY, neighbours=5).transform(req, cand)
 
     perm = rng.permutation(n_items)  # old item id -> new item id
     shuffled = history.iloc[rng.permutation(len(history))].reset_index(drop=True)
     shuffled["item_idx"] = perm[shuffled["item_idx"].to_numpy()]
     new_items = items.iloc[np.argsort(perm)].reset_index(drop=True)
     other = BehaviourFeatures.fit(shuffled, new_items, n_users, n_items, 3, 2.0,
-                                  attributes=["colour"], session_gap_s=DAY)
+                                  attributes=["colour"], session_gap_s=DAY, neighbours=5)
     moved = other.transform(req, perm[cand])
-    assert list(base) == list(moved) == [*FEATURE_NAMES, "attr_colour_share", "attr_colour_count"]
+    assert list(base) == list(moved) == [*FEATURE_NAMES, "attr_colour_share", "attr_colour_count",
+                                         *neighbour_feature_names(["colour"])]
     for name in base:
         np.testing.assert_array_equal(base[name], moved[name], err_msg=name)
     assert (base["sess_prev_leaf_trans"] > 0).any() and (base["attr_colour_share"] > 0).any()
     assert (base["trans_decay"] > 0).any() and (base["cooc_score"] > 0).any()
     assert (base["knn_max"] > 0).any() and (base["price_z"] != 0).any()
+    for name in ("nbr_leaf_share", "nbr_parent_share", "nbr_brand_share",
+                 "nbr_attr_colour_share", "nbr_item_share", "nbr_rel_price_gap"):
+        assert (base[name] != 0).any(), name
+    # every request has at least one neighbour
+    assert (base["nbr_sim"] > 0).all()
 
 
 def test_empty_history_and_bare_items_are_finite() -> None:
@@ -220,7 +243,7 @@ def test_empty_history_and_bare_items_are_finite() -> None:
                     location=[None, "Rome", "Berlin"])
     cand = np.array([[5, 4, 0], [5, 0, -1], [5, 4, -1]])
     out = feats.transform(req, cand)
-    for name in FEATURE_NAMES:
+    for name in out:
         assert out[name].shape == (3, 3) and out[name].dtype == np.float32
         assert np.isfinite(out[name]).all(), name
         assert out[name][1, 2] == 0 and out[name][2, 2] == 0, name  # padding
@@ -233,12 +256,18 @@ def test_empty_history_and_bare_items_are_finite() -> None:
     empty = _history(TOY).iloc[:0]
     for history, items in ((empty, ITEMS), (_history(TOY), bare_items), (empty, bare_items)):
         out = _fit(history, items).transform(req, cand)
-        assert all(np.isfinite(out[name]).all() for name in FEATURE_NAMES)
+        assert all(np.isfinite(out[name]).all() for name in out)
+        assert set(FEATURE_NAMES) < set(out)
 
 
 def test_every_feature_has_a_family() -> None:
     out = _fit(_history(TOY)).transform(_requests([0], [DAY]), ALL[None, :])
-    assert list(out) == list(FEATURE_NAMES) == list(FEATURE_FAMILIES)
+    assert list(out) == [*FEATURE_NAMES, *NEIGHBOUR_DOCS]
+    assert list(FEATURE_NAMES) == list(FEATURE_FAMILIES)
+    off = _fit(_history(TOY), neighbours=0).transform(_requests([0], [DAY]), ALL[None, :])
+    assert list(off) == list(FEATURE_NAMES)
+    for name, value in off.items():
+        np.testing.assert_array_equal(value, out[name], err_msg=name)
     assert set(FEATURE_FAMILIES.values()) == {"behaviour", "context"}
     assert {n for n, f in FEATURE_FAMILIES.items() if f == "context"} == {
         "ctx_item_location_share", "ctx_item_device_share", "ctx_user_device_share",
@@ -248,7 +277,8 @@ def test_every_feature_has_a_family() -> None:
 
 def test_session_attribute_and_relative_price_values() -> None:
     feats = _fit(_history(TOY), COLOURED, attributes=("colour",))
-    assert feats.feature_names[-2:] == ("attr_colour_share", "attr_colour_count")
+    n = len(FEATURE_NAMES)
+    assert feats.feature_names[n:n + 2] == ("attr_colour_share", "attr_colour_count")
     req = _requests([0, 0, 1], [2 * DAY, 3 * DAY // 2, 0])
     out = feats.transform(req, np.stack([ALL] * 3))
     # sessions (days apart, gap 30 min): user 0 {0} {2} {1, 3}; user 1 {0} {1}; user 2 {2, 3}.
@@ -272,3 +302,56 @@ def test_session_attribute_and_relative_price_values() -> None:
     assert out["rel_price_gap"][0, 1] == pytest.approx(rel1 - 0.5 * rel0 / 1.5, rel=1e-5)
     assert out["rel_price_abs_gap"][0, 0] == pytest.approx(abs(rel0 - 0.5 * rel0 / 1.5), rel=1e-5)
     assert out["rel_price_gap"][0, 4] == 0  # no price
+
+
+def test_neighbourhood_values() -> None:
+    # user 0: Shampoo(A) day 0, Cream(B) day 1, Pan(C) day 5 (after the requests);
+    # user 1: Shampoo(A), Conditioner(A); users 2 and 4: Cream(B), Pan(C); user 3: Pot (no brand)
+    rows = [(0, 0, 0), (0, 2, DAY), (0, 3, 5 * DAY), (1, 0, 0), (1, 1, 0), (2, 2, 0), (2, 3, 0),
+            (3, 4, 0), (4, 3, 0), (4, 2, 0)]
+    history = _history([(u, i, t, "mobile", "Berlin", f"s{u}") for u, i, t in rows])
+    req = _requests([0, 0, -1], [2 * DAY, 0, 2 * DAY])
+    feats = _fit(history, n_users=5, neighbours=2)
+    out = feats.transform(req, np.stack([ALL] * 3))
+    # request 0: q = {item 0, item 2}. Mean of the leaf / brand / item cosines:
+    # user 1: leaf 1/2, brand <(1, 1), (2, 0)> / (sqrt 2 * 2) = 1/sqrt 2, item 1/2;
+    # users 2 and 4: 1/2 each; user 3: 0 (no shared leaf, no brand, no shared item)
+    s1, s2 = (1.0 + 1 / np.sqrt(2)) / 3, 0.5
+    # k = 2: user 1 and, of the tied users 2 and 4, the lower index; never user 0 itself
+    w = feats.nbr.neighbours(np.array([0]), np.zeros(2, np.int64), np.array([0, 2]))
+    assert w.indices.tolist() == [1, 2] and w.data == pytest.approx([s1, s2])
+    total = s1 + s2
+    assert out["nbr_sim"][0, 0] == pytest.approx(total / 2)
+    # leaves: user 1 half Shampoo / half Conditioner, user 2 half Cream / half Pan
+    assert out["nbr_leaf_share"][0].tolist() == pytest.approx(
+        [s1 / 2 / total, s1 / 2 / total, s2 / 2 / total, s2 / 2 / total, 0, 0])
+    # parents: Hair (user 1: 2 of 2), Skin (user 2: 1 of 2), Kitchen (user 2: 1 of 2; Pot too)
+    assert out["nbr_parent_share"][0].tolist() == pytest.approx(
+        [s1 / total, s1 / total, s2 / 2 / total, s2 / 2 / total, s2 / 2 / total, 0])
+    assert out["nbr_brand_share"][0].tolist() == pytest.approx(
+        [s1 / total, s1 / total, s2 / 2 / total, s2 / 2 / total, 0, 0])
+    assert out["nbr_item_share"][0].tolist() == pytest.approx(
+        [s1 / total, s1 / total, s2 / total, s2 / total, 0, 0])
+    # request 1 (t = 0): q = {item 0}; only user 1 has sim > 0:
+    # leaf 1/sqrt 2, brand <1, 2> / 2 = 1, item 1/sqrt 2
+    assert out["nbr_sim"][1, 0] == pytest.approx((1 + np.sqrt(2)) / 3)
+    assert out["nbr_item_share"][1].tolist() == pytest.approx([1, 1, 0, 0, 0, 0])
+    # an unknown user has no profile and no neighbours
+    assert all((out[name][2] == 0).all() for name in NEIGHBOUR_DOCS)
+    # a request alone (the serving path) gets exactly its row of the batch
+    for r in range(len(req)):
+        alone = feats.transform(req.take(np.array([r])), ALL[None, :])
+        for name in NEIGHBOUR_DOCS:
+            np.testing.assert_array_equal(alone[name][0], out[name][r], err_msg=name)
+
+    # price level: items 0 and 1 share a leaf (median price 15); every other priced item is its
+    # leaf's median. user 0's leaf cosine with user 1 becomes <(1, 1), (2, 0)> / (sqrt 2 * 2)
+    items = ITEMS.assign(categories=[ITEMS["categories"][0]] * 2 + list(ITEMS["categories"][2:]))
+    out = _fit(history, items, n_users=5, neighbours=2).transform(req.take(np.array([0])),
+                                                                  ALL[None, :])
+    s1 = 2 / np.sqrt(2) / 3 + 0.5 / 3
+    rel0, rel1 = np.log1p(10.0) - np.log1p(15.0), np.log1p(20.0) - np.log1p(15.0)
+    mean = (s1 * (rel0 + rel1) / 2 + s2 * 0.0) / (s1 + s2)  # user 2's items are at 0
+    assert out["nbr_rel_price_gap"][0].tolist() == pytest.approx(
+        [rel0 - mean, rel1 - mean, -mean, -mean, 0, 0], rel=1e-5)
+    assert out["nbr_rel_price_abs_gap"][0, 0] == pytest.approx(abs(rel0 - mean), rel=1e-5)

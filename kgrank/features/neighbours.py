@@ -1,0 +1,244 @@
+"""Neighbourhood taste features: user-based collaborative smoothing at the attribute level.
+
+A user with ~10 history items gives a noisy estimate of their tastes; users with similar
+histories (the same shopper segment) share them. For every request this module finds the ``k``
+users whose histories are most similar to the requesting user's and averages their category,
+brand, attribute-value, item and price profiles - user-based neighbourhood collaborative
+filtering (user-KNN; Herlocker, Konstan, Borchers & Riedl, "An algorithmic framework for performing
+collaborative filtering", SIGIR 1999; Desrosiers & Karypis, "A comprehensive survey of
+neighborhood-based recommendation methods", Recommender Systems Handbook, 2011) applied to
+attribute shares instead of item ratings only.
+
+Profiles and similarity. Item ``i`` has a code ``a(i)`` in each *block* (``leaf``, ``brand``, every
+configured attribute column, and the item itself). ``n_b(x, v)`` counts the events of a history
+``x`` whose item has value ``v`` in block ``b`` (the item block is binary: 1 if ``x`` has the
+item). The similarity of the requesting user's history ``q`` and another user ``v``'s history is
+the mean of the per-block cosines over the blocks ``B`` the catalog has::
+
+    sim(q, v) = 1/|B| sum_{b in B} <n_b(q), n_b(v)> / (||n_b(q)|| ||n_b(v)||)      (0 if a norm is 0)
+
+The dot products and squared norms are sums of small integers, so they are exact in floating
+point whatever the summation order, and the block cosines are added in a fixed block order (in
+float32, which halves the cost of the top-k selection): the similarity does not depend on the
+order of events or on item ids. Requests are scored against all users in chunks of
+:data:`SIM_CELLS` cells (sparse products, no ``n_users x n_users`` matrix), and a request's
+neighbours do not depend on the other requests of its batch.
+
+Neighbours ``N(q)``: the ``k`` users ``v != u`` with the largest ``sim(q, v) > 0`` (ties at the
+cut broken by the lower user index). With ``s_v = sim(q, v)`` and ``p_b(v, x) = n_b(v, x) / |v|``
+(``|v|`` the number of ``v``'s events) the features of a candidate ``c`` are::
+
+    nbr_<b>_share(c) = sum_{v in N} s_v p_b(v, a_b(c)) / sum_{v in N} s_v
+    nbr_item_share(c) = sum_{v in N} s_v [c in v] / sum_{v in N} s_v
+
+Time rules: the requesting user's profile ``q`` uses only their events with ``ts <= t`` (as every
+per-request behaviour feature); the other users' profiles are fitted once on the part's whole
+history (as the item-item statistics and the ItemKNN baseline are), and the requesting user's own
+fitted profile is never a neighbour, so their events after ``t`` never count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+NEIGHBOURS = 50
+"""Default neighbourhood size (``ranking.neighbours``)."""
+SIM_CELLS = 1 << 22
+"""Request x user similarity cells computed at once (bounds the temporary memory: 16 MiB of
+float32 similarities)."""
+
+NEIGHBOUR_DOCS: dict[str, str] = {
+    "nbr_sim": "mean sim(q, v) over the neighbours N (0 without neighbours)",
+    "nbr_leaf_share": "sum_{v in N} s_v p_leaf(v, leaf(c)) / sum_{v in N} s_v, p the share of v's "
+                      "events in that leaf",
+    "nbr_parent_share": "as nbr_leaf_share for the parent category",
+    "nbr_brand_share": "as nbr_leaf_share for the brand",
+    "nbr_item_share": "sum_{v in N} s_v [c in v's history] / sum_{v in N} s_v",
+    "nbr_rel_price_gap": "price_vs_leaf(c) - sum_v s_v m_v / sum_v s_v over neighbours with priced "
+                         "events, m_v the mean price_vs_leaf of v's priced events; 0 if either "
+                         "side has no price",
+    "nbr_rel_price_abs_gap": "|nbr_rel_price_gap|",
+}
+"""Formulas of the neighbourhood features (``c`` = candidate, ``q`` = the requesting user's events
+``<= t``, ``N`` = their neighbours with similarities ``s_v``); ``nbr_attr_<col>_share`` is
+``nbr_leaf_share`` for an attribute column's value."""
+
+
+def neighbour_feature_names(attributes: list[str]) -> tuple[str, ...]:
+    """Names of the neighbourhood features, with ``nbr_attr_<col>_share`` per attribute column."""
+    names = list(NEIGHBOUR_DOCS)
+    at = names.index("nbr_item_share")
+    return tuple(names[:at] + [f"nbr_attr_{c}_share" for c in attributes] + names[at:])
+
+
+def _counts(owner: np.ndarray, code: np.ndarray, n_rows: int, n_codes: int,
+            binary: bool = False) -> sp.csr_matrix:
+    """``[n_rows, n_codes]`` event counts (binary: presence) of ``(owner, code)`` pairs, code -1
+    skipped; sorted indices."""
+    ok = code >= 0
+    mat = sp.csr_matrix((np.ones(int(ok.sum())), (owner[ok], code[ok])),
+                        shape=(n_rows, max(n_codes, 1)))
+    mat.sum_duplicates()
+    if binary:
+        mat.data[:] = 1.0
+    mat.sort_indices()
+    return mat
+
+
+def _sq_norms(mat: sp.csr_matrix) -> np.ndarray:
+    return np.asarray(mat.multiply(mat).sum(axis=1), dtype=np.float64).ravel()
+
+
+def _top_k(sim: np.ndarray, k: int) -> np.ndarray:
+    """Mask of each row's ``k`` largest positive entries; ties at the cut go to the lower column."""
+    k = min(k, sim.shape[1])
+    kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1 : k]
+    take = (sim >= kth) & (sim > 0)
+    over = np.flatnonzero(take.sum(axis=1) > k)  # rows with ties at the cut
+    if len(over):
+        sub, cut = sim[over], kth[over]
+        keep = sub > cut
+        eq = sub == cut
+        keep |= eq & (np.cumsum(eq, axis=1) <= k - keep.sum(axis=1, keepdims=True))
+        take[over] = keep & (sub > 0)
+    return take
+
+
+@dataclass
+class NeighbourIndex:
+    """Fitted user profiles of one history (see the module docstring)."""
+
+    k: int
+    n_users: int
+    codes: dict[str, np.ndarray] = field(repr=False)
+    """block -> int64 code per item (-1 = missing); ``item`` is the item id itself."""
+    sizes: dict[str, int] = field(repr=False)
+    sim_blocks: tuple[str, ...]
+    profiles_t: dict[str, sp.csr_matrix] = field(repr=False)
+    """similarity block -> ``[size, n_users]`` counts (binary for ``item``) of the whole
+    history, transposed."""
+    sq_norms: dict[str, np.ndarray] = field(repr=False)
+    shares: dict[str, sp.csr_matrix] = field(repr=False)
+    """feature block -> ``[n_users, size]`` shares ``p_b(v, x)`` (``item``: presence)."""
+    rel_price: np.ndarray = field(repr=False)
+    """price_vs_leaf per item, NaN without a price."""
+    user_price: np.ndarray = field(repr=False)
+    """``m_v`` per user (0 without priced events)."""
+    user_priced: np.ndarray = field(repr=False)
+    """1.0 where the user has priced events."""
+
+    @classmethod
+    def fit(cls, user: np.ndarray, item: np.ndarray, n_users: int, n_items: int,
+            codes: Mapping[str, np.ndarray], sim_blocks: tuple[str, ...], rel_price: np.ndarray,
+            k: int) -> NeighbourIndex:
+        """Index the history events ``(user, item)``; ``codes`` maps each block (``leaf``,
+        ``parent``, ``brand``, ``attr_<col>``) to the int64 code per item, ``sim_blocks`` names
+        the blocks (``item`` included) of the similarity; ``rel_price`` is ``price_vs_leaf`` per
+        item, NaN where the item has no price."""
+        all_codes = {**codes, "item": np.arange(n_items, dtype=np.int64)}
+        sizes = {b: int(c.max()) + 1 if len(c) and c.max() >= 0 else 0
+                 for b, c in all_codes.items()}
+        blocks = tuple(b for b in sim_blocks if sizes[b] > 0)
+        n_ev = np.bincount(user, minlength=n_users).astype(np.float64)
+        inv = sp.diags(np.divide(1.0, n_ev, out=np.zeros(n_users), where=n_ev > 0))
+        profiles, shares = {}, {}
+        for b, c in all_codes.items():
+            counts = _counts(user, c[item], n_users, sizes[b], binary=b == "item")
+            profiles[b] = counts
+            share = counts if b == "item" else sp.csr_matrix(inv @ counts)  # item: presence
+            share.sort_indices()
+            shares[b] = share
+        priced = np.isfinite(rel_price[item])
+        pu, pv = user[priced], rel_price[item][priced]
+        order = np.lexsort((pv, pu))  # canonical summation order: by user, then by value
+        p_sum = np.zeros(n_users)
+        if len(order):
+            su = pu[order]
+            starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]])
+            p_sum[su[starts]] = np.add.reduceat(pv[order], starts)
+        p_n = np.bincount(pu, minlength=n_users).astype(np.float64)
+        return cls(
+            k=int(k), n_users=n_users, codes=all_codes, sizes=sizes, sim_blocks=blocks,
+            profiles_t={b: sp.csr_matrix(profiles[b].T) for b in blocks},
+            sq_norms={b: _sq_norms(profiles[b]) for b in blocks},
+            shares=shares, rel_price=rel_price,
+            user_price=np.divide(p_sum, p_n, out=np.zeros(n_users), where=p_n > 0),
+            user_priced=(p_n > 0).astype(np.float64),
+        )
+
+    def neighbours(self, user: np.ndarray, owner: np.ndarray, item: np.ndarray
+                   ) -> sp.csr_matrix:
+        """``[R, n_users]`` similarities ``s_v`` of each request's neighbours (other entries 0);
+        ``user`` the requesting users (-1 = unknown), ``(owner, item)`` their events ``<= t``."""
+        nr = len(user)
+        queries = {b: _counts(owner, self.codes[b][item], nr, self.sizes[b],
+                              binary=b == "item") for b in self.sim_blocks}
+        q_norms = {b: _sq_norms(q) for b, q in queries.items()}
+        step = max(1, SIM_CELLS // max(self.n_users, 1))
+        rows: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
+        vals: list[np.ndarray] = []
+        for lo in range(0, nr if self.sim_blocks and self.n_users else 0, step):
+            hi = min(lo + step, nr)
+            sim = np.zeros((hi - lo, self.n_users), dtype=np.float32)  # halves the selection
+            for b in self.sim_blocks:  # in a fixed block order: a canonical sum
+                dots = sp.csr_matrix(queries[b][lo:hi] @ self.profiles_t[b])
+                row = np.repeat(np.arange(hi - lo), np.diff(dots.indptr))
+                # (row, column) pairs are unique; both norms are > 0 wherever a dot product is
+                sim[row, dots.indices] += (dots.data / np.sqrt(
+                    q_norms[b][lo + row] * self.sq_norms[b][dots.indices])).astype(np.float32)
+            sim /= np.float32(len(self.sim_blocks))
+            u = user[lo:hi]
+            own = (u >= 0) & (u < self.n_users)
+            sim[np.flatnonzero(own), u[own]] = 0.0  # never the user's own (whole-history) profile
+            r, c = np.nonzero(_top_k(sim, self.k))
+            rows.append(r + lo)
+            cols.append(c)
+            vals.append(sim[r, c].astype(np.float64))
+        if not rows:
+            return sp.csr_matrix((nr, self.n_users))
+        out = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                            shape=(nr, self.n_users))
+        out.sort_indices()
+        return out
+
+    def features(self, user: np.ndarray, owner: np.ndarray, item: np.ndarray,
+                 rf: np.ndarray, cand: np.ndarray, attributes: list[str]
+                 ) -> dict[str, np.ndarray]:
+        """Every neighbourhood feature over the flattened pairs (``rf`` request, ``cand`` item of
+        each pair)."""
+        nr = len(user)
+        w = self.neighbours(user, owner, item)
+        n_nbr = np.diff(w.indptr).astype(np.float64)
+        w_sum = np.asarray(w.sum(axis=1)).ravel()
+        wn = sp.csr_matrix(sp.diags(np.divide(1.0, w_sum, out=np.zeros(nr), where=w_sum > 0))
+                           @ w)
+        wn.sort_indices()
+        f = {"nbr_sim": np.divide(w_sum, n_nbr, out=np.zeros(nr), where=n_nbr > 0)[rf]}
+        blocks = ["leaf", "parent", "brand", *(f"attr_{c}" for c in attributes), "item"]
+        for b in blocks:
+            mat = sp.csr_matrix(wn @ self.shares[b]).tocoo()
+            size = max(self.sizes[b], 1)
+            keys = mat.row.astype(np.int64) * size + mat.col
+            order = np.argsort(keys)
+            keys, values = keys[order], mat.data[order]
+            code = self.codes[b][cand]
+            out = np.zeros(len(cand))
+            if len(keys):
+                q = rf * size + np.maximum(code, 0)
+                pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+                hit = (keys[pos] == q) & (code >= 0)
+                out[hit] = values[pos[hit]]
+            f[f"nbr_{b}_share"] = out
+        priced_w = wn @ self.user_priced
+        mean = np.divide(wn @ (self.user_price * self.user_priced), priced_w,
+                         out=np.zeros(nr), where=priced_w > 0)
+        rp = self.rel_price[cand]
+        ok = np.isfinite(rp) & (priced_w[rf] > 0)
+        f["nbr_rel_price_gap"] = np.where(ok, np.nan_to_num(rp) - mean[rf], 0.0)
+        f["nbr_rel_price_abs_gap"] = np.abs(f["nbr_rel_price_gap"])
+        return f

@@ -39,6 +39,7 @@ from kgrank.eval.protocol import EvalResult, Recommender, evaluate, user_items_c
 from kgrank.features.context import ContextVocab, Demographics
 from kgrank.features.history import request_history
 from kgrank.features.requests import Requests, requests_for_targets
+from kgrank.memory import release_free_memory
 from kgrank.ranking.candidates import Candidates, full_scores, generate_candidates
 from kgrank.ranking.ltr import LTRModel
 from kgrank.ranking.table import (
@@ -445,6 +446,7 @@ def run_ranking_stage(dataset: Dataset, split: Split, cfg: RunConfig, inputs: Ra
     models, names, fam, info = stage.train(valid)
     recall = {"valid": stage.recall(valid)}
     del valid
+    release_free_memory()  # the validation part's candidates and tables, before the test part
     test = stage.build_part("test")
     recall["test"] = stage.recall(test)
     scores, explanations = stage.predict(test, models, names, fam)

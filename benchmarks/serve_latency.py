@@ -5,7 +5,7 @@ target, cycled), ``k`` results each, with the per-source top-N set so that about
 ``--target-candidates`` candidates reach the ranker. In-process: ``Searcher.search`` called
 sequentially, with the share of time per step (query embedding, candidates = source scoring +
 top-N union, feature table, LightGBM predict, per-family TreeSHAP explanations). Over HTTP:
-``python -m kgrank.serve`` (``kgrank serve`` with ``--workers`` processes) in a subprocess on a
+``python -m kgrank.serve`` (``kgrank serve``, with ``--workers`` processes) in a subprocess on a
 free loopback port, ``--requests`` requests from ``--concurrency`` client threads (bounded load).
 Errors (non-200 answers, exceptions) are counted; the bar is 0.
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +182,41 @@ def worker_device(use_gpu: bool) -> Any:
 
         return ray.train.torch.get_device()
     return torch.device("cpu")
+
+
+def fit_torch_trainer(worker: Callable[[dict[str, Any]], None], data: Any,
+                      config: dict[str, Any], ray_cfg: RayTrainConfig,
+                      output_dir: str | Path, label: str, progress: bool, what: str
+                      ) -> tuple[Any, str]:
+    """Run ``worker`` with a Ray Train ``TorchTrainer`` on ``ray_cfg.workers`` workers and return
+    ``(ray.train.Result, storage path)``; the shared set-up of the graph and fusion runners.
+
+    ``data`` is put in the object store once (``config["data"]``); ``config`` gets the worker
+    settings every runner passes (threads, GPU, the failure-injection plan, progress, batch
+    split). Raises when training ended without a checkpoint (``what`` names the model)."""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    started = start_ray(ray_cfg.address, ray_cfg.threads_per_worker)
+    try:
+        storage = storage_path(ray_cfg, output_dir)
+        scaling, run_cfg = trainer_configs(ray_cfg, label, storage)
+        fail = FailPlan.from_env(str(Path(storage) / label / ".fail-marker")) \
+            if "://" not in storage else FailPlan()
+        trainer = TorchTrainer(
+            worker,
+            train_loop_config={
+                **config, "data": ray.put(data), "threads": ray_cfg.threads_per_worker,
+                "use_gpu": ray_cfg.gpus_per_worker > 0, "fail": asdict(fail),
+                "progress": progress, "split_batch": ray_cfg.split_batch,
+            },
+            scaling_config=scaling, run_config=run_cfg,
+        )
+        result = trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    if result.checkpoint is None:
+        raise RuntimeError(f"ray train of {what} ended without a checkpoint ({result.error})")
+    return result, storage
+

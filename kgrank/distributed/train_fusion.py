@@ -53,12 +53,10 @@ from kgrank.distributed.checkpoint import (
 )
 from kgrank.distributed.session import (
     FailPlan,
+    fit_torch_trainer,
     maybe_fail,
     run_name,
     setup_worker,
-    start_ray,
-    storage_path,
-    trainer_configs,
     worker_device,
 )
 from kgrank.fusion.inputs import QueryCache
@@ -194,36 +192,14 @@ def train_fusion_ray(
     """Train the fusion towers with Ray Train on ``ray_cfg.workers`` workers; the arguments of
     :func:`kgrank.fusion.train.train_fusion` (same positions) plus ``ray_cfg`` and
     ``output_dir`` (the default storage's parent), the same result (see the module docstring)."""
-    import ray
-    from ray.train.torch import TorchTrainer
 
     prep = prepare_fusion(split, inputs, cfg, modalities, same_time_history)
     shipped = (split, replace(inputs, encode_query=None),
                replace(prep, queries=_without_encoder(prep.queries)))
-    started = start_ray(ray_cfg.address, ray_cfg.threads_per_worker)
-    try:
-        storage = storage_path(ray_cfg, output_dir)
-        label = run_name("fusion")
-        scaling, run_cfg = trainer_configs(ray_cfg, label, storage)
-        fail = FailPlan.from_env(str(Path(storage) / label / ".fail-marker")) \
-            if "://" not in storage else FailPlan()
-        trainer = TorchTrainer(
-            _fusion_worker,
-            train_loop_config={
-                "data": ray.put(shipped), "cfg": cfg.model_dump(),
-                "eval_cfg": eval_cfg.model_dump(), "threads": ray_cfg.threads_per_worker,
-                "use_gpu": ray_cfg.gpus_per_worker > 0, "fail": asdict(fail),
-                "progress": progress, "split_batch": ray_cfg.split_batch,
-            },
-            scaling_config=scaling, run_config=run_cfg,
-        )
-        fitted = trainer.fit()
-    finally:
-        if started:
-            ray.shutdown()
-    if fitted.checkpoint is None:
-        raise RuntimeError(f"ray train of the fusion towers ended without a checkpoint "
-                           f"({fitted.error})")
+    label = run_name("fusion")
+    fitted, storage = fit_torch_trainer(
+        _fusion_worker, shipped, {"cfg": cfg.model_dump(), "eval_cfg": eval_cfg.model_dump()},
+        ray_cfg, output_dir, label, progress, "the fusion towers")
     with fitted.checkpoint.as_directory() as d:
         state = read_state(Path(d))
         best_state = load_tensors(Path(d) / BEST_FILE)

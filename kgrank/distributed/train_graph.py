@@ -56,12 +56,10 @@ from kgrank.distributed.checkpoint import (
 )
 from kgrank.distributed.session import (
     FailPlan,
+    fit_torch_trainer,
     maybe_fail,
     run_name,
     setup_worker,
-    start_ray,
-    storage_path,
-    trainer_configs,
     worker_device,
 )
 from kgrank.graph.graph import KnowledgeGraph
@@ -199,34 +197,14 @@ def train_graph_model_ray(
 
     With ``out_dir`` the final checkpoint's best weights go to ``out_dir/best.safetensors`` and
     its last weights to ``out_dir/checkpoints/epoch_NNN.safetensors``, as in-process."""
-    import ray
-    from ray.train.torch import TorchTrainer
 
     if (kg.n_users, kg.n_items) != (split.n_users, split.n_items):
         raise ValueError("graph and split disagree on the number of users / items")
-    started = start_ray(ray_cfg.address, ray_cfg.threads_per_worker)
-    try:
-        storage = storage_path(ray_cfg, output_dir)
-        label = run_name(f"graph-{name}")
-        scaling, run_cfg = trainer_configs(ray_cfg, label, storage)
-        fail = FailPlan.from_env(str(Path(storage) / label / ".fail-marker")) \
-            if "://" not in storage else FailPlan()
-        trainer = TorchTrainer(
-            _graph_worker,
-            train_loop_config={
-                "name": name, "data": ray.put((kg, split)), "cfg": cfg.model_dump(),
-                "eval_cfg": eval_cfg.model_dump(), "threads": ray_cfg.threads_per_worker,
-                "use_gpu": ray_cfg.gpus_per_worker > 0, "fail": asdict(fail),
-                "progress": progress, "split_batch": ray_cfg.split_batch,
-            },
-            scaling_config=scaling, run_config=run_cfg,
-        )
-        result = trainer.fit()
-    finally:
-        if started:
-            ray.shutdown()
-    if result.checkpoint is None:
-        raise RuntimeError(f"ray train of {name} ended without a checkpoint ({result.error})")
+    label = run_name(f"graph-{name}")
+    result, storage = fit_torch_trainer(
+        _graph_worker, (kg, split), {"name": name, "cfg": cfg.model_dump(),
+                                     "eval_cfg": eval_cfg.model_dump()},
+        ray_cfg, output_dir, label, progress, name)
     with result.checkpoint.as_directory() as d:
         directory = Path(d)
         state = read_state(directory)

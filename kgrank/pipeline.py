@@ -31,6 +31,7 @@ from kgrank.data.dataset import Dataset, load_dataset
 from kgrank.data.split import Split, make_split
 from kgrank.eval.protocol import EvalResult, Tuned, evaluate, paired_change, tune_and_test
 from kgrank.eval.report import (
+    json_safe,
     metrics_table,
     plot_bars,
     plot_changes,
@@ -278,9 +279,8 @@ def write_report(
         plot_family_importance(out / "plots" / "feature_families.png", ranking.importance)
         changes = ablation_changes(cfg, results)
         if changes:
-            clean = [{k: None if isinstance(v, float) and np.isnan(v) else v
-                      for k, v in c.items()} for c in changes]  # strict JSON: no NaN
-            (out / "ablations.json").write_text(json.dumps(clean, indent=2) + "\n")
+            (out / "ablations.json").write_text(
+                json.dumps([json_safe(c) for c in changes], indent=2) + "\n")
             plot_changes(out / "plots" / "ablations.png", changes, cfg.eval.main_metric)
         text += render_ranking(cfg, results, ranking, changes)
     (out / "report.md").write_text(text)

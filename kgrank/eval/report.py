@@ -18,13 +18,14 @@ from kgrank.eval.protocol import EvalResult  # noqa: E402
 from kgrank.io import atomic_write_text  # noqa: E402
 
 
+def json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with NaN floats as None (strict JSON has no NaN)."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in values.items()}
+
+
 def write_metrics_json(path: Path, results: Sequence[EvalResult]) -> None:
     """``{model name: {"ndcg@10": ..., "hr@10": ..., ...}}`` (test part), NaN written as null."""
-    payload: dict[str, dict[str, Any]] = {}
-    for res in results:
-        payload[res.name] = {
-            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in res.flat().items()
-        }
+    payload = {res.name: json_safe(res.flat()) for res in results}
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 

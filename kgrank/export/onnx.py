@@ -56,9 +56,12 @@ class _UserTower(nn.Module):
         return self.model.users_with_items(batch, self.get_buffer("items"))
 
 
-def batch_arrays(batch: UserBatch) -> dict[str, np.ndarray]:
-    """The onnxruntime feed of a UserBatch (numpy, on CPU)."""
-    return {name: getattr(batch, name).detach().cpu().numpy() for name in USER_INPUTS}
+def batch_arrays(batch: UserBatch, session: Any | None = None) -> dict[str, np.ndarray]:
+    """The onnxruntime feed of a UserBatch (numpy, on CPU). With ``session``, only the inputs
+    its graph declares: the exporter prunes inputs the tower never reads (``query`` and
+    ``has_query`` of a model trained without queries), and onnxruntime rejects unknown names."""
+    names = USER_INPUTS if session is None else [i.name for i in session.get_inputs()]
+    return {name: getattr(batch, name).detach().cpu().numpy() for name in names}
 
 
 def example_batch(model: FusionModel, n: int = 4, history_len: int = 20) -> UserBatch:
@@ -123,7 +126,8 @@ def check_towers(model: FusionModel, paths: dict[str, Path], batch: UserBatch
         items_t = model.item_tower(ids).numpy()
         users_t = model.users_with_items(batch, model.all_items()).numpy()
     items_o = session(paths["item"]).run(None, {"items": ids.numpy()})[0]
-    users_o = session(paths["user"]).run(None, batch_arrays(batch))[0]
+    user_session = session(paths["user"])
+    users_o = user_session.run(None, batch_arrays(batch, user_session))[0]
     diff = {"item_tower_max_abs_diff": float(np.abs(items_o - items_t).max(initial=0.0)),
             "user_tower_max_abs_diff": float(np.abs(users_o - users_t).max(initial=0.0)),
             "item_rows_checked": int(len(items_t)), "user_rows_checked": int(len(users_t))}

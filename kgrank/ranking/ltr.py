@@ -147,7 +147,9 @@ class LTRModel:
             "colsample_bytree": cfg.colsample_bytree,
             "seed": cfg.seed,
             "deterministic": True,
-            "force_row_wise": True,
+            # column-wise histograms: row-wise ones build a second, row-major copy of the
+            # binned data (measured on Amazon Beauty: +0.5 GB peak, same model, same time)
+            "force_col_wise": True,
             "verbosity": -1,
         }
         if cfg.threads > 0:
@@ -248,6 +250,9 @@ class LTRModel:
         if self.used_position and position is not None:
             train.set_position(position[train_rows])  # a subset does not inherit positions
         hold = full.subset(rows_of(offsets, self.holdout_groups).tolist())
+        train.construct()
+        hold.construct()
+        full._free_handle()  # both subsets hold copies of their binned rows; drop the parent's
         callbacks: list[Any] = [lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)]
         if progress:
             callbacks.append(lgb.log_evaluation(50))

@@ -88,6 +88,21 @@ class RankingOutput:
 
 
 @dataclass
+class LTRTable:
+    """The LambdaRank training table: rows grouped by request, in request order."""
+
+    x: np.ndarray
+    """float32 [N, F] features (NaN: missing)."""
+    y: np.ndarray
+    """float32 [N] relevance (1: the request's target item)."""
+    group: np.ndarray
+    """int64 [G] rows per request."""
+    names: list[str]
+    families: dict[str, str]
+    info: dict[str, Any]
+
+
+@dataclass
 class _PartData:
     part: Part
     requests: Requests
@@ -322,6 +337,14 @@ class RankingStage:
     def train(self, data: _PartData) -> tuple[dict[str, LTRModel], list[str], dict[str, str],
                                               dict[str, Any]]:
         """Train the full ranker and the ablations on the requests of ``data`` (validation)."""
+        return self.fit_models(self.training_table(data))
+
+    def training_table(self, data: _PartData) -> LTRTable:
+        """The LambdaRank training table of ``data``'s requests whose target is a candidate.
+
+        Once it is built, ``data`` is no longer needed for training: the caller can free the
+        part's candidates (about as large as the table on Amazon Beauty) before LightGBM runs.
+        """
         target = data.requests.target
         assert target is not None
         hit_rows = np.flatnonzero((data.candidates.items == target[:, None]).any(1))
@@ -348,19 +371,26 @@ class RankingStage:
         info = {"train_requests": int(len(hit_rows)), "valid_requests": len(data.requests),
                 "train_rows": int(len(x_all)), "features": len(names)}
         log.info("ltr training table: %s", info)
+        return LTRTable(x_all, y_all, group, names, fam, info)
+
+    def fit_models(self, table: LTRTable) -> tuple[dict[str, LTRModel], list[str],
+                                                   dict[str, str], dict[str, Any]]:
+        """The full ranker (and, with ``ranking.ablations``, each leave-one-family-out ranker)
+        trained on ``table``; returns ``(models, names, families, info)``."""
+        names, fam = table.names, table.families
         models: dict[str, LTRModel] = {}
         for key, cols in self.feature_sets(names, fam, self.absent).items():
             t0 = time.perf_counter()
             sub = [names[j] for j in cols]
-            x = x_all if cols == list(range(len(names))) else x_all[:, cols]  # no copy if all
-            model = self.fit_ltr(x, y_all, group, sub, {n: fam[n] for n in sub})
+            x = table.x if cols == list(range(len(names))) else table.x[:, cols]  # no copy if all
+            model = self.fit_ltr(x, table.y, table.group, sub, {n: fam[n] for n in sub})
             del x
             models[key] = model
             log.info("ltr %s: %d features, trained in %.1fs", key, len(cols),
                      time.perf_counter() - t0)
             if not self.rc.ablations:
                 break
-        return models, names, fam, info
+        return models, names, fam, table.info
 
     def fit_ltr(self, x: np.ndarray, y: np.ndarray, group: np.ndarray, names: list[str],
                 fam: Mapping[str, str]) -> LTRModel:
@@ -443,11 +473,16 @@ def run_ranking_stage(dataset: Dataset, split: Split, cfg: RunConfig, inputs: Ra
     t0 = time.perf_counter()
     stage = RankingStage(dataset, split, cfg, inputs, progress)
     valid = stage.build_part("valid")
-    models, names, fam, info = stage.train(valid)
+    release_free_memory()  # the source-scoring batches' temporaries
     recall = {"valid": stage.recall(valid)}
+    table = stage.training_table(valid)
     del valid
-    release_free_memory()  # the validation part's candidates and tables, before the test part
+    release_free_memory()  # the validation part's candidates and features, before LightGBM
+    models, names, fam, info = stage.fit_models(table)
+    del table
+    release_free_memory()  # the training table, before the test part
     test = stage.build_part("test")
+    release_free_memory()
     recall["test"] = stage.recall(test)
     scores, explanations = stage.predict(test, models, names, fam)
     results = stage.evaluate(test, scores)

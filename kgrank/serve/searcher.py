@@ -29,7 +29,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -171,21 +172,23 @@ class OnnxFusion:
         for lo in range(0, len(feats), chunk):
             rows = np.arange(lo, min(lo + chunk, len(feats)))
             batch = feats.batch(rows, torch.device("cpu"))
-            out.append(self.session.run(None, batch_arrays(batch))[0])
+            out.append(self.session.run(None, batch_arrays(batch, self.session))[0])
         return np.concatenate(out)
 
 
 class LRUEncoder:
-    """``texts -> [n, d]`` through an LRU cache of ``size`` distinct texts; the seconds spent
-    encoding are added to :attr:`seconds`."""
+    """``texts -> [n, d]`` through an LRU cache of ``size`` distinct texts, in front of a table
+    of pinned vectors (precomputed, never evicted); the seconds spent encoding are added to
+    :attr:`seconds`."""
 
     def __init__(self, encode: Callable[[Sequence[str | None]], np.ndarray], size: int = 4096
                  ) -> None:
         self.encode, self.size = encode, size
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.pinned: dict[str, np.ndarray] = {}
         self.seconds = 0.0
         self.hits = self.misses = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         """Concurrent requests share the cache (and the encoder, which runs under the lock)."""
         self._local = threading.local()
 
@@ -197,6 +200,26 @@ class LRUEncoder:
         finally:  # this thread's time, waiting for the lock included
             self._local.seconds = self.thread_seconds() + time.perf_counter() - t0
 
+    def pin(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+        """Serve ``texts`` from ``vectors`` (rows in the same order) without encoding."""
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(texts):
+            raise ValueError(f"pin: {len(texts)} texts but vectors of shape {vectors.shape}")
+        with self._lock:
+            self.pinned.update(zip(texts, vectors, strict=True))
+
+    @contextmanager
+    def uncached(self) -> Iterator[None]:
+        """Encode everything afresh inside the block (as the run did); the cache and the
+        pinned table are back afterwards. Holds the lock: other callers wait."""
+        with self._lock:
+            saved = self.cache, self.pinned
+            self.cache, self.pinned = OrderedDict(), {}
+            try:
+                yield
+            finally:
+                self.cache, self.pinned = saved
+
     def thread_seconds(self) -> float:
         """Seconds the calling thread has spent in this encoder (per-request timings stay
         right while other threads encode)."""
@@ -205,15 +228,17 @@ class LRUEncoder:
     def _call(self, texts: Sequence[str | None]) -> np.ndarray:
         t0 = time.perf_counter()
         keys = [t or "" for t in texts]
-        new = sorted({k for k in keys if k not in self.cache})
+        new = sorted({k for k in keys if k not in self.cache and k not in self.pinned})
         self.misses += len(new)
         self.hits += len(keys) - len(new)
         if new:
             for k, v in zip(new, np.asarray(self.encode(new), np.float32), strict=True):
                 self.cache[k] = v
-        out = np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
+        out = (np.stack([self.pinned[k] if k in self.pinned else self.cache[k] for k in keys])
+               if keys else np.zeros((0, 0), np.float32))
         for k in keys:
-            self.cache.move_to_end(k)
+            if k in self.cache:
+                self.cache.move_to_end(k)
         while len(self.cache) > self.size:
             self.cache.popitem(last=False)
         self.seconds += time.perf_counter() - t0
@@ -270,10 +295,18 @@ def _baselines(export: Export, cfg: Any) -> dict[str, tuple[Any, dict[str, Any]]
 
 
 class Searcher:
-    """Ranks items for search / recommendation requests from an export."""
+    """Ranks items for search / recommendation requests from an export.
+
+    ``candidates``: per-source top-N (default: the run's); ``threads``: torch / onnxruntime /
+    LightGBM threads per request; ``query_cache``: distinct query texts kept per encoder (LRU);
+    ``text_encoder``: use this encoder instead of building the run's; ``pin_queries``: serve the
+    queries the run's fusion stage encoded (the export's ``fusion/queries.safetensors``) from
+    that table instead of encoding them per request.
+    """
 
     def __init__(self, export: Export, candidates: int | None = None, threads: int = 1,
-                 query_cache: int = 4096, text_encoder: Any | None = None) -> None:
+                 query_cache: int = 4096, text_encoder: Any | None = None,
+                 pin_queries: bool = True) -> None:
         t0 = time.perf_counter()
         torch.set_num_threads(threads)
         self.export = export
@@ -308,14 +341,20 @@ class Searcher:
                  for s in stages if s.startswith("graph_")}
         from kgrank.pipeline import item_texts
 
+        fusion = OnnxFusion(export, self.query_text, threads)
         inputs = RankingInputs(
             baselines=_baselines(export, cfg), graph=graph,
             text=export.embeddings("text")[1] if "text" in stages else None,
             image=export.embeddings("image")[1] if "image" in stages else None,
             encode_query_text=self.query_text, encode_query_image=self.query_image,
             item_texts=item_texts(self.dataset),
-            fusion=OnnxFusion(export, self.query_text, threads),
+            fusion=fusion,
         )
+        if (pin_queries and self.query_text is not None and fusion.queries.texts
+                and inputs.text is not None and fusion.queries.dim == inputs.text.shape[1]):
+            # the fusion stage encoded the run's training queries with this text encoder: the
+            # export's copy saves a transformer pass per request on every known query
+            self.query_text.pin(fusion.queries.texts, fusion.queries.vectors)
         self.stage = RankingStage(self.dataset, self.split, cfg, inputs, progress=False)
         self.stage.keep_fitted = True
         self.ltr = export.ltr_model()
@@ -453,7 +492,11 @@ class Searcher:
     def score_part(self) -> dict[str, float]:
         """Rank every test request of the run through the exported artifacts and evaluate it
         with the run's judge: the metrics of ``fusion+ltr`` (a round trip reproduces the run's)."""
-        data = self.stage.build_part(PART)
+        with ExitStack() as stack:  # queries encoded as the run encoded them (one batch)
+            for enc in (self.query_text, self.query_image):
+                if enc is not None:
+                    stack.enter_context(enc.uncached())
+            data = self.stage.build_part(PART)
         _, names, fam, _, _ = self.stage.table(data, np.array([0]))
         cols = self.feature_columns(names)
         n_req, width = data.candidates.items.shape

@@ -51,7 +51,7 @@ def test_union_dedupe_and_order_on_a_hand_example() -> None:
     assert not c.valid[0, 3] and c.n_sources_hit[0, 3] == 0
     assert c.scores["a"][0, 3] == 0 and c.scores["e"][0, 3] == 0 and c.ranks["b"][0, 3] == 2
     assert "e" not in c.ranks and c.items.dtype == np.int64
-    assert c.scores["a"].dtype == np.float32 and c.ranks["a"].dtype == np.float32
+    assert c.scores["a"].dtype == np.float32 and c.ranks["a"].dtype == np.int16
 
 
 def test_random_sources_history_gather_and_batching() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -119,3 +120,19 @@ def test_malformed_json(client: TestClient, raw: bytes) -> None:
     assert 400 <= r.status_code < 500 and r.json()["error"]
     ok = client.post("/search", json={"k": 2})
     assert ok.status_code == 200 and len(ok.json()["results"]) == 2
+
+
+def test_known_queries_are_pinned_and_not_encoded_again(searcher: Searcher) -> None:
+    enc = searcher.query_text
+    fusion_queries = searcher.stage.inputs.fusion.queries  # type: ignore[union-attr]
+    assert enc is not None and len(enc.pinned) > 0  # the run's training queries
+    assert set(enc.pinned) <= set(fusion_queries.texts)  # (earlier tests added new ones there)
+    known = fusion_queries.texts[0]
+    misses = enc.misses
+    res = searcher.search(None, known, Context(), k=3)
+    assert len(res.hits) == 3 and enc.misses == misses  # served from the pinned table
+    # the pinned vector is the text encoder's own output for that query
+    with enc.uncached():
+        fresh = enc([known])[0]
+    assert np.allclose(enc.pinned[known], fresh, atol=1e-5)
+    assert enc.misses == misses + 1 and known not in enc.cache  # uncached() restored the cache

@@ -35,13 +35,7 @@ from typing import Any
 import numpy as np
 
 from kgrank.config import LTRConfig, RayTrainConfig
-from kgrank.distributed.session import (
-    run_name,
-    set_poll_interval,
-    setup_worker,
-    start_ray,
-    storage_path,
-)
+from kgrank.distributed.session import fit_trainer, run_name, setup_worker
 from kgrank.io import atomic_write_text
 from kgrank.ranking.ltr import LTRModel, lgb_names, rows_of
 
@@ -122,7 +116,6 @@ def fit_ltr_ray_detailed(
 ) -> tuple[LTRModel, list[np.ndarray]]:
     """:func:`fit_ltr_ray` plus the training-group indices (into ``group``) of each worker."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
     from ray.train.lightgbm import LightGBMTrainer
 
     model = LTRModel()
@@ -141,12 +134,8 @@ def fit_ltr_ray_detailed(
             out["position"] = np.asarray(position)[rows]
         return out
 
-    started = start_ray(ray_cfg.address, ray_cfg.threads_per_worker)
-    set_poll_interval(ray_cfg)
-    try:
-        label = run_name("ltr")
-        use_gpu = False  # LightGBM's data-parallel learner here is CPU-only
-        trainer = LightGBMTrainer(
+    def make(scaling: Any, run_cfg: Any) -> Any:
+        return LightGBMTrainer(
             _ltr_worker,
             train_loop_config={
                 "shards": [ray.put(shard(p, model.used_position)) for p in parts],
@@ -155,17 +144,12 @@ def fit_ltr_ray_detailed(
                 "rounds": cfg.n_estimators, "early_stopping": cfg.early_stopping_rounds,
                 "k": k, "threads": ray_cfg.threads_per_worker,
             },
-            scaling_config=ScalingConfig(
-                num_workers=ray_cfg.workers, use_gpu=use_gpu,
-                resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
-            run_config=RunConfig(name=label, storage_path=storage_path(ray_cfg, output_dir)),
+            scaling_config=scaling, run_config=run_cfg,
         )
-        result = trainer.fit()
-    finally:
-        if started:
-            ray.shutdown()
-    if result.checkpoint is None:
-        raise RuntimeError(f"distributed LightGBM ended without a model ({result.error})")
+
+    # LightGBM's data-parallel learner here is CPU-only
+    result, _ = fit_trainer(make, ray_cfg, output_dir, run_name("ltr"), "the LambdaRank model",
+                            use_gpu=False)
     import lightgbm as lgb
 
     with result.checkpoint.as_directory() as d:

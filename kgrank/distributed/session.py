@@ -139,15 +139,16 @@ def set_poll_interval(ray_cfg: RayTrainConfig) -> None:
 
 
 def trainer_configs(
-    ray_cfg: RayTrainConfig, name: str, storage: str
+    ray_cfg: RayTrainConfig, name: str, storage: str, use_gpu: bool | None = None
 ) -> tuple[Any, Any]:
     """(``ScalingConfig``, ``RunConfig``) of one Ray Train run; also sets the controller's poll
-    interval (see :func:`set_poll_interval`)."""
+    interval (see :func:`set_poll_interval`). ``use_gpu`` None: GPUs when
+    ``ray_cfg.gpus_per_worker`` > 0."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     set_poll_interval(ray_cfg)
 
-    use_gpu = ray_cfg.gpus_per_worker > 0
+    use_gpu = ray_cfg.gpus_per_worker > 0 if use_gpu is None else use_gpu
     resources: dict[str, float] = {"CPU": ray_cfg.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = ray_cfg.gpus_per_worker
@@ -184,6 +185,29 @@ def worker_device(use_gpu: bool) -> Any:
     return torch.device("cpu")
 
 
+def fit_trainer(make: Callable[[Any, Any], Any], ray_cfg: RayTrainConfig,
+                output_dir: str | Path, label: str, what: str, use_gpu: bool | None = None
+                ) -> tuple[Any, str]:
+    """Start Ray when needed, build a Ray Train trainer with ``make(scaling_config,
+    run_config)`` (after Ray is up, so it may ``ray.put``), fit it, shut Ray down again if this
+    call started it; returns ``(ray.train.Result, storage path)``. Raises when training ended
+    without a checkpoint (``what`` names the model). ``use_gpu=False`` asks for CPUs only
+    whatever ``ray_cfg.gpus_per_worker`` says (a CPU-only learner)."""
+    import ray
+
+    started = start_ray(ray_cfg.address, ray_cfg.threads_per_worker)
+    try:
+        storage = storage_path(ray_cfg, output_dir)
+        scaling, run_cfg = trainer_configs(ray_cfg, label, storage, use_gpu)
+        result = make(scaling, run_cfg).fit()
+    finally:
+        if started:
+            ray.shutdown()
+    if result.checkpoint is None:
+        raise RuntimeError(f"ray train of {what} ended without a checkpoint ({result.error})")
+    return result, storage
+
+
 def fit_torch_trainer(worker: Callable[[dict[str, Any]], None], data: Any,
                       config: dict[str, Any], ray_cfg: RayTrainConfig,
                       output_dir: str | Path, label: str, progress: bool, what: str
@@ -197,13 +221,12 @@ def fit_torch_trainer(worker: Callable[[dict[str, Any]], None], data: Any,
     import ray
     from ray.train.torch import TorchTrainer
 
-    started = start_ray(ray_cfg.address, ray_cfg.threads_per_worker)
-    try:
-        storage = storage_path(ray_cfg, output_dir)
-        scaling, run_cfg = trainer_configs(ray_cfg, label, storage)
-        fail = FailPlan.from_env(str(Path(storage) / label / ".fail-marker")) \
-            if "://" not in storage else FailPlan()
-        trainer = TorchTrainer(
+    storage = storage_path(ray_cfg, output_dir)
+    fail = FailPlan.from_env(str(Path(storage) / label / ".fail-marker")) \
+        if "://" not in storage else FailPlan()
+
+    def make(scaling: Any, run_cfg: Any) -> Any:
+        return TorchTrainer(
             worker,
             train_loop_config={
                 **config, "data": ray.put(data), "threads": ray_cfg.threads_per_worker,
@@ -212,11 +235,6 @@ def fit_torch_trainer(worker: Callable[[dict[str, Any]], None], data: Any,
             },
             scaling_config=scaling, run_config=run_cfg,
         )
-        result = trainer.fit()
-    finally:
-        if started:
-            ray.shutdown()
-    if result.checkpoint is None:
-        raise RuntimeError(f"ray train of {what} ended without a checkpoint ({result.error})")
-    return result, storage
+
+    return fit_trainer(make, ray_cfg, output_dir, label, what)
 

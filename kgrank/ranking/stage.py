@@ -40,7 +40,7 @@ from kgrank.features.context import ContextVocab, Demographics
 from kgrank.features.history import request_history
 from kgrank.features.requests import Requests, requests_for_targets
 from kgrank.memory import release_free_memory
-from kgrank.ranking.candidates import Candidates, full_scores, generate_candidates
+from kgrank.ranking.candidates import Candidates, SourceFn, full_scores, generate_candidates
 from kgrank.ranking.ltr import LTRModel
 from kgrank.ranking.table import (
     MODALITY_FAMILIES,
@@ -226,53 +226,26 @@ class RankingStage:
                              query_emb, self.tokens, self.vocab, self.demographics, behaviour,
                              FEATURE_FAMILIES, self.rc.half_life, self.rc.history_len)
         users = requests.user_idx
-        sources: dict[str, Callable[[np.ndarray], torch.Tensor]] = {}
-        extra: dict[str, Callable[[np.ndarray], torch.Tensor]] = {}
-        wanted = set(self.rc.sources)
-
-        def add(name: str, fn: Callable[[np.ndarray], torch.Tensor], group: str) -> None:
-            (sources if group in wanted else extra)[name] = fn
-
-        cold = torch.from_numpy(users < 0)
-
-        def known(fn: Callable[[np.ndarray], torch.Tensor]) -> Callable[[np.ndarray], torch.Tensor]:
-            return lambda rows: fn(rows).masked_fill(
-                cold[torch.from_numpy(np.asarray(rows))][:, None], -torch.inf)
-
-        def by_user(model: Recommender, per_user: bool = True
-                    ) -> Callable[[np.ndarray], torch.Tensor]:
-            fn = lambda rows: model.score(np.maximum(users[rows], 0))  # noqa: E731
-            return known(fn) if per_user else fn
-
-        def dot(user: torch.Tensor, item_t: torch.Tensor) -> Callable[[np.ndarray], torch.Tensor]:
-            return lambda rows: user[torch.from_numpy(np.asarray(rows))] @ item_t
-
-        def profile(name: str) -> Callable[[np.ndarray], torch.Tensor]:
-            return lambda rows: feats.profile_scores(name, rows)
 
         def fit(make: Callable[..., Any], params: dict[str, Any]) -> Callable[[], Any]:
             return lambda: make(**params).fit(history, split.n_users, n_items)
 
-        for name, (make, params) in self.inputs.baselines.items():
-            model = self._fitted(part, name, fit(make, params))
-            add(name, by_user(model, per_user=name not in USER_INDEPENDENT), name)
+        baselines = [(name, self._fitted(part, name, fit(make, params)))
+                     for name, (make, params) in self.inputs.baselines.items()]
+        graph = []
         for name, res in self.inputs.graph.items():
             u, i = res.embeddings(part)
-            add(name, known(dot(u[torch.from_numpy(np.maximum(users, 0))], i.T.contiguous())),
-                "graph")
+            graph.append((name, u[torch.from_numpy(np.maximum(users, 0))], i.T.contiguous()))
+        fusion = []
         if self.inputs.fusion is not None and self.fusion_item is not None:
             uvec = np.asarray(self.inputs.fusion.user_vectors(requests, own), np.float32)
-            add("fusion", dot(torch.from_numpy(uvec), torch.from_numpy(self.fusion_item.T.copy())),
-                "fusion")
+            fusion.append(("fusion", torch.from_numpy(uvec),
+                           torch.from_numpy(self.fusion_item.T.copy())))
         for fam, variant in self.inputs.fusion_without.items():
             uv = np.asarray(variant.user_vectors(requests, own), np.float32)
             it = torch.from_numpy(np.asarray(variant.item_emb(), np.float32).T.copy())
-            extra[f"fusion_without_{fam}"] = dot(torch.from_numpy(uv), it)
-        for name in ("text", "image"):
-            if name in embeddings:
-                add(name, profile(name), name)
-        if "text" in query_emb:
-            add("query", feats.query_scores, "query")
+            fusion.append((f"fusion_without_{fam}", torch.from_numpy(uv), it))
+        sources, extra = self.sources(users, feats, baselines, graph, fusion)
         exclude = user_items_csr(own, users)  # what the evaluator masks
         cands = generate_candidates(sources, np.arange(len(requests)), exclude, self.rc.candidates,
                                     batch_size=self.cfg.eval.batch_size, progress=self.progress,
@@ -281,6 +254,60 @@ class RankingStage:
         log.info("ranking %s: %d requests, %.1f candidates per request, built in %.1fs", part,
                  len(requests), float(cands.valid.sum(1).mean()), time.perf_counter() - t0)
         return _PartData(part, requests, feats, cands, row_of_user)
+
+    def sources(self, users: np.ndarray, feats: PartFeatures,
+                baselines: Sequence[tuple[str, Recommender]],
+                graph: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
+                fusion: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
+                ) -> tuple[dict[str, SourceFn], dict[str, SourceFn]]:
+        """The candidate sources and the feature-only scorers (``extra``) of requests whose user
+        rows are ``users`` (-1: unknown; per-user sources give them ``-inf``).
+
+        ``baselines``: (name, fitted model); ``graph``: (name, user embeddings of the requests
+        [R, d], item embeddings transposed [d, n_items]); ``fusion``: the same for ``"fusion"``
+        and ``"fusion_without_<family>"`` (ablation variants: features only). The text / image
+        profile and query sources come from ``feats``. Shared by :meth:`build_part` and the
+        serving fast path (:mod:`kgrank.serve.fastpath`), so both score candidates alike.
+        """
+        sources: dict[str, SourceFn] = {}
+        extra: dict[str, SourceFn] = {}
+        wanted = set(self.rc.sources)
+
+        def add(name: str, fn: SourceFn, group: str) -> None:
+            (sources if group in wanted else extra)[name] = fn
+
+        cold = torch.from_numpy(users < 0)
+
+        def known(fn: SourceFn) -> SourceFn:
+            return lambda rows: fn(rows).masked_fill(
+                cold[torch.from_numpy(np.asarray(rows))][:, None], -torch.inf)
+
+        def by_user(model: Recommender, per_user: bool = True) -> SourceFn:
+            fn = lambda rows: model.score(np.maximum(users[rows], 0))  # noqa: E731
+            return known(fn) if per_user else fn
+
+        def dot(user: torch.Tensor, item_t: torch.Tensor) -> SourceFn:
+            # a fresh copy of the rows (BLAS results can depend on the operands' alignment)
+            return lambda rows: user[torch.from_numpy(np.asarray(rows))] @ item_t
+
+        def profile(name: str) -> SourceFn:
+            return lambda rows: feats.profile_scores(name, rows)
+
+        for name, model in baselines:
+            add(name, by_user(model, per_user=name not in USER_INDEPENDENT), name)
+        for name, user, item_t in graph:
+            add(name, known(dot(user, item_t)), "graph")
+        for name, user, item_t in fusion:
+            if name == "fusion":
+                add(name, dot(user, item_t), "fusion")
+            else:
+                extra[name] = dot(user, item_t)
+        for name in ("text", "image"):
+            if name in feats.embeddings:
+                add(name, profile(name), name)
+        if "text" in feats.query_emb:
+            add("query", feats.query_scores, "query")
+        return sources, extra
 
     # -- feature tables ----------------------------------------------------------------------
 

@@ -6,19 +6,16 @@ pandas slice of the users' events, their timestamps in seconds, an event index f
 user tower, the normalised graph embeddings, transposed item matrices). :class:`FastPart` does
 that once at start-up and then, for each request, feeds the **same** objects the stage uses
 (:class:`~kgrank.ranking.table.PartFeatures`, the fitted baselines and behaviour features,
-:func:`~kgrank.ranking.candidates.generate_candidates`, :meth:`RankingStage.table`) with the
-request's own inputs gathered from arrays. The sources are registered in the stage's order, so
-the candidates, their order and the feature table are identical to the stage's (the serving
-tests compare them request by request).
+:meth:`RankingStage.sources`, :func:`~kgrank.ranking.candidates.generate_candidates`,
+:meth:`RankingStage.table`) with the request's own inputs gathered from arrays, so the
+candidates, their order and the feature table are identical to the stage's (the serving tests
+compare them request by request).
 
 Everything here is read-only after :meth:`FastPart.__init__`: one instance serves concurrent
 requests (the query caches it reads through lock themselves).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,10 +26,8 @@ from kgrank.features.history import RequestHistory
 from kgrank.features.requests import Requests, to_seconds
 from kgrank.fusion.inputs import EventIndex
 from kgrank.ranking.candidates import generate_candidates
-from kgrank.ranking.stage import USER_INDEPENDENT, RankingStage, _encode_queries, _PartData
+from kgrank.ranking.stage import RankingStage, _encode_queries, _PartData
 from kgrank.ranking.table import PartFeatures
-
-Source = Callable[[np.ndarray], torch.Tensor]
 
 
 class FastPart:
@@ -111,7 +106,6 @@ class FastPart:
             raise ValueError(f"FastPart.build takes one request, got {len(requests)}")
         stage, rc, inputs = self.stage, self.stage.rc, self.stage.inputs
         user = int(requests.user_idx[0])
-        cold = user < 0
         emb = self.embeddings
         query_emb: dict[str, np.ndarray] = {}
         if inputs.encode_query_text is not None and "text" in emb:
@@ -124,43 +118,14 @@ class FastPart:
                              self.n_items, emb, query_emb, stage.tokens, stage.vocab,
                              stage.demographics, self.behaviour, self.families, rc.half_life,
                              rc.history_len)
-        wanted = set(rc.sources)
-        sources: dict[str, Source] = {}
-        extra: dict[str, Source] = {}
-
-        def add(name: str, fn: Source, group: str) -> None:
-            (sources if group in wanted else extra)[name] = fn
-
-        masked = torch.full((1, self.n_items), -torch.inf)
-
-        def by_user(model: Any, per_user: bool) -> Source:
-            if cold and per_user:
-                return lambda rows: masked
-            at = np.array([max(user, 0)], np.int64)
-            return lambda rows: model.score(at)
-
-        for name, model in self.baselines:
-            add(name, by_user(model, name not in USER_INDEPENDENT), name)
-        def dot(user_mat: torch.Tensor, item_t: torch.Tensor) -> Source:
-            # indexed as the stage does: a fresh copy of the row (BLAS results can depend on the
-            # operands' memory alignment)
-            return lambda rows: user_mat[torch.from_numpy(np.asarray(rows))] @ item_t
-
-        def profile(name: str) -> Source:
-            return lambda rows: feats.profile_scores(name, rows)
-
-        for name, u, item_t in self.graph:
-            add(name, (lambda rows: masked) if cold else
-                dot(u[torch.from_numpy(np.maximum(requests.user_idx, 0))], item_t), "graph")
+        users = np.maximum(requests.user_idx, 0)
+        graph = [(name, u[torch.from_numpy(users)], item_t) for name, u, item_t in self.graph]
+        fusion = []
         if inputs.fusion is not None and self.fusion_t is not None:
             uvec = torch.from_numpy(np.asarray(
                 inputs.fusion.vectors_at(requests, self.events), np.float32))
-            add("fusion", dot(uvec, self.fusion_t), "fusion")
-        for name in ("text", "image"):
-            if name in emb:
-                add(name, profile(name), name)
-        if "text" in query_emb:
-            add("query", feats.query_scores, "query")
+            fusion.append(("fusion", uvec, self.fusion_t))
+        sources, extra = stage.sources(requests.user_idx, feats, self.baselines, graph, fusion)
         cands = generate_candidates(sources, np.arange(1), self._exclude(user), rc.candidates,
                                     batch_size=stage.cfg.eval.batch_size, progress=False,
                                     extra=extra)

@@ -136,3 +136,11 @@ def test_known_queries_are_pinned_and_not_encoded_again(searcher: Searcher) -> N
         fresh = enc([known])[0]
     assert np.allclose(enc.pinned[known], fresh, atol=1e-5)
     assert enc.misses == misses + 1 and known not in enc.cache  # uncached() restored the cache
+
+
+def test_searcher_limits_native_thread_pools(searcher: Searcher) -> None:
+    from threadpoolctl import threadpool_info
+
+    assert searcher.threads == 1
+    pools = [p for p in threadpool_info() if p["user_api"] == "blas"]
+    assert pools and all(p["num_threads"] == 1 for p in pools)

@@ -345,6 +345,11 @@ class RankingConfig(_Strict):
         "and their similarity-weighted category / brand / attribute / item shares and price "
         "level. 0: no neighbourhood features.",
     )
+    embedding_clusters: int = Field(
+        0, ge=0, description="k of the per-modality k-means over item embeddings (text, image, "
+        "each graph model) behind the <m>_cluster_share features: the request history's "
+        "recency-weighted share in the candidate's cluster. 0: no cluster features.",
+    )
     ablations: bool = Field(
         True, description="Also train leave-one-modality-out LTR models (graph, text, image, "
         "behaviour, context, query families).",

@@ -154,6 +154,7 @@ class RankingStage:
         self.keep_fitted = False
         """Serving hook: keep what :meth:`build_part` fits on a part's history between calls."""
         self._fit_cache: dict[tuple[str, str], Any] = {}
+        self._cluster_cache: dict[str, dict[str, np.ndarray]] = {}
 
     # -- building a part -------------------------------------------------------------------
 
@@ -168,6 +169,20 @@ class RankingStage:
             norms = np.linalg.norm(item, axis=1, keepdims=True)
             emb[f"graph_{name}"] = (item / np.maximum(norms, 1e-12), "graph")
         return emb
+
+    def _clusters(self, part: Part, embeddings: Mapping[str, tuple[np.ndarray, str]]
+                  ) -> dict[str, np.ndarray]:
+        """k-means cluster of each item per embedding (``ranking.embedding_clusters``), computed
+        once per part (graph embeddings differ between parts)."""
+        from kgrank.features.clusters import item_clusters
+
+        k = self.rc.embedding_clusters
+        if k <= 0:
+            return {}
+        if part not in self._cluster_cache:
+            self._cluster_cache[part] = {name: item_clusters(emb, k, self.cfg.seed)
+                                         for name, (emb, _) in embeddings.items()}
+        return self._cluster_cache[part]
 
     def _fitted(self, part: Part, key: str, make: Callable[[], Any]) -> Any:
         """``make()``, kept per (part, key) when ``self.keep_fitted`` (serving hook: many small
@@ -224,7 +239,8 @@ class RankingStage:
         own = self._own_history(part, history, requests.user_idx) if self.keep_fitted else history
         feats = PartFeatures(requests, request_history(requests, own), n_items, embeddings,
                              query_emb, self.tokens, self.vocab, self.demographics, behaviour,
-                             FEATURE_FAMILIES, self.rc.half_life, self.rc.history_len)
+                             FEATURE_FAMILIES, self.rc.half_life, self.rc.history_len,
+                             self._clusters(part, embeddings))
         users = requests.user_idx
 
         def fit(make: Callable[..., Any], params: dict[str, Any]) -> Callable[[], Any]:

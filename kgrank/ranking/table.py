@@ -16,6 +16,8 @@ column                    family     meaning
 ``query_overlap``         query      share of the query's tokens found in the item's text
 ``has_query``             query      1 when the request has a query
 ``item_has_<m>``          m          the item has a text / image embedding
+``<m>_cluster_share``     m          history share in the item's k-means cluster of modality
+                                     m (see :mod:`kgrank.features.clusters`)
 ``hour_*`` / ``weekday_*``  context  cyclic time of the request
 ``device`` / ``location``   context  category ids (0 = unknown)
 ``user_<column>``         context    demographics of the requesting user
@@ -37,6 +39,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from kgrank.features.clusters import cluster_shares, share_at
 from kgrank.features.context import ContextVocab, Demographics, time_features
 from kgrank.features.history import RequestHistory
 from kgrank.features.requests import Requests
@@ -136,7 +139,10 @@ class PartFeatures:
     behaviour_families: Mapping[str, str] = field(default_factory=dict)
     half_life: float = 2.0
     history_len: int = 20
+    clusters: Mapping[str, np.ndarray] = field(default_factory=dict)
+    """name (a key of ``embeddings``) -> k-means cluster of each item (-1: none)."""
     _profiles: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, init=False)
+    _shares: dict[str, np.ndarray] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         weights = self.history.matrix(self.n_items, self.half_life, self.history_len)
@@ -144,6 +150,8 @@ class PartFeatures:
         for name, (emb, _) in self.embeddings.items():
             self._profiles[name] = (_normalize_rows(np.asarray(weights @ emb, np.float32)),
                                     _normalize_rows(np.asarray(last @ emb, np.float32)))
+        for name, labels in self.clusters.items():
+            self._shares[name] = cluster_shares(weights, labels)
 
     def profile_scores(self, name: str, rows: np.ndarray) -> torch.Tensor:
         """Full-catalog cos(profile, item) of modality ``name`` for request rows [B, n_items]."""
@@ -193,6 +201,9 @@ class PartFeatures:
             put(f"{name}_last_sim", np.einsum("bcd,bd->bc", gathered, last[rows]), family)
             if family in ("text", "image"):
                 put(f"item_has_{family}", (np.abs(gathered).sum(-1) > 0), family)
+            if name in self._shares:
+                put(f"{name}_cluster_share",
+                    share_at(self._shares[name], self.clusters[name], rows, items), family)
         has_query = self.requests.has_query[rows]
         if self.query_emb:
             put("has_query", has_query[:, None], "query")

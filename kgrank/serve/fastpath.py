@@ -50,6 +50,7 @@ class FastPart:
         self.baselines = [(name, stage._fit_cache[(part, name)])
                           for name in stage.inputs.baselines]
         self.embeddings = stage._embeddings(part)
+        self.clusters = stage._clusters(part, self.embeddings)
         self.graph = []
         for name, res in stage.inputs.graph.items():
             u, i = res.embeddings(part)
@@ -117,7 +118,7 @@ class FastPart:
         feats = PartFeatures(requests, self._history(user, int(requests.timestamp[0])),
                              self.n_items, emb, query_emb, stage.tokens, stage.vocab,
                              stage.demographics, self.behaviour, self.families, rc.half_life,
-                             rc.history_len)
+                             rc.history_len, self.clusters)
         users = np.maximum(requests.user_idx, 0)
         graph = [(name, u[torch.from_numpy(users)], item_t) for name, u, item_t in self.graph]
         fusion = []

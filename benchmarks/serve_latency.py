@@ -4,7 +4,8 @@ Requests replay the run's test requests (user, time, device, location and query 
 target, cycled), ``k`` results each, with the per-source top-N set so that about
 ``--target-candidates`` candidates reach the ranker. In-process: ``Searcher.search`` called
 sequentially, with the share of time per step (query embedding, candidates = source scoring +
-top-N union, feature table, LightGBM predict, per-family TreeSHAP explanations). Over HTTP:
+top-N union, feature table, LightGBM predict, per-family explanations: path attributions by
+default, TreeSHAP with `--explain-method shap`). Over HTTP:
 ``python -m kgrank.serve`` (``kgrank serve``, with ``--workers`` processes) in a subprocess on a
 free loopback port, ``--requests`` requests from ``--concurrency`` client threads (bounded load).
 Errors (non-200 answers, exceptions) are counted; the bar is 0.
@@ -67,7 +68,8 @@ def run_one(searcher: Searcher, body: dict[str, Any]) -> Any:
     ctx = body.get("context", {})
     return searcher.search(body.get("user_id"), body.get("query"),
                            Context(ctx.get("time"), ctx.get("device"), ctx.get("location")),
-                           k=body["k"], explain=body.get("explain", True))
+                           k=body["k"], explain=body.get("explain", True),
+                           method=body.get("explain_method", "path"))
 
 
 def main() -> None:
@@ -84,6 +86,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
     parser.add_argument("--no-explain", dest="explain", action="store_false",
                         help="requests without per-family explanations")
+    parser.add_argument("--explain-method", choices=["path", "shap"], default="path",
+                        help="path attributions (the API's default) or TreeSHAP")
     args = parser.parse_args()
     if args.run is not None:
         from kgrank.export.writer import export_run
@@ -104,7 +108,8 @@ def main() -> None:
         ctx = {k: v for k, v in (("time", int(reqs.timestamp[r])), ("device", reqs.device[r]),
                                  ("location", reqs.location[r])) if v is not None}
         body: dict[str, Any] = {"user_id": str(users[reqs.user_idx[r]]), "k": args.k,
-                                "context": ctx, "explain": args.explain}
+                                "context": ctx, "explain": args.explain,
+                                "explain_method": args.explain_method}
         if reqs.query[r] is not None:
             body["query"] = reqs.query[r]
         bodies.append(body)
@@ -209,6 +214,7 @@ def main() -> None:
         "http_p50_ms": round(pct(http_lat, 50), 1), "http_p99_ms": round(pct(http_lat, 99), 1),
         "http_rps": round(args.requests / wall, 1), "errors": errors_in + errors_http,
         "threads": args.threads, "workers": args.workers, "explain": args.explain,
+        "explain_method": args.explain_method,
     }
     print("RESULT serve_latency " + " ".join(f"{k}={v}" for k, v in fields.items()))
 

@@ -107,7 +107,8 @@ def create_app(searcher: Searcher) -> FastAPI:
         context = Context() if ctx is None else Context(
             None if ctx.time is None else int(ctx.time.timestamp()), ctx.device, ctx.location)
         filters = None if f is None else Filters(f.category, f.brand, f.min_price, f.max_price)
-        res = searcher.search(body.user_id, body.query, context, body.k, filters, body.explain)
+        res = searcher.search(body.user_id, body.query, context, body.k, filters, body.explain,
+                              body.explain_method)
         return SearchOut(results=[hit_out(h) for h in res.hits], user_known=res.user_known,
                          cold_start=not res.user_known, n_candidates=res.n_candidates,
                          timings_ms={k: round(v * 1000, 3) for k, v in res.timings.items()})

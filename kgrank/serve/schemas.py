@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -46,6 +47,10 @@ class SearchIn(BaseModel):
     k: StrictInt = Field(10, ge=1, le=MAX_K, description="Number of results (1..1000).")
     filters: FiltersIn | None = None
     explain: StrictBool = Field(True, description="Per-family explanations of each result.")
+    explain_method: Literal["path", "shap"] = Field(
+        "path", description="path: path attributions (Saabas; a table lookup per tree, well "
+        "under a millisecond); shap: TreeSHAP (LightGBM pred_contrib, as the run's "
+        "explanations.json; ~1 ms per result). Both sum to the score.")
 
 
 class HitOut(BaseModel):

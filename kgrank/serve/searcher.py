@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -47,10 +47,13 @@ from kgrank.features.context import ContextVocab
 from kgrank.features.requests import Requests
 from kgrank.fusion.inputs import EventIndex, QueryCache, RequestFeatures, request_features
 from kgrank.ranking.ltr import BIAS, top_reasons
+from kgrank.ranking.paths import PathExplainer
 from kgrank.ranking.stage import FULL, RankingInputs, RankingStage
 from kgrank.serve.fastpath import FastPart
 
 log = logging.getLogger("kgrank")
+
+ExplainMethod = Literal["path", "shap"]
 
 PART: Part = "test"
 """Requests are scored against the test-time history (training + validation events)."""
@@ -284,7 +287,7 @@ class SearchResult:
     n_candidates: int
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per step: query_embed, candidates (source scores + top-N union), features (the
-    LTR table), ltr (LightGBM predict + ordering), explain (per-family TreeSHAP of the hits)."""
+    LTR table), ltr (LightGBM predict + ordering), explain (per-family path attributions or TreeSHAP of the hits)."""
 
 
 def _baselines(export: Export, cfg: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
@@ -302,7 +305,8 @@ class Searcher:
     LightGBM threads per request; ``query_cache``: distinct query texts kept per encoder (LRU);
     ``text_encoder``: use this encoder instead of building the run's; ``pin_queries``: serve the
     queries the run's fusion stage encoded (the export's ``fusion/queries.safetensors``) from
-    that table instead of encoding them per request.
+    that table instead of encoding them per request, and encode them once at start-up with the
+    image model's text tower (for the query-photo similarity).
     """
 
     def __init__(self, export: Export, candidates: int | None = None, threads: int = 1,
@@ -361,6 +365,10 @@ class Searcher:
             # the fusion stage encoded the run's training queries with this text encoder: the
             # export's copy saves a transformer pass per request on every known query
             self.query_text.pin(fusion.queries.texts, fusion.queries.vectors)
+        if pin_queries and self.query_image is not None and fusion.queries.texts:
+            # the image model's text tower has no stored vectors: encode the known queries once
+            texts = list(fusion.queries.texts)
+            self.query_image.pin(texts, self.query_image.encode(texts))
         self.stage = RankingStage(self.dataset, self.split, cfg, inputs, progress=False)
         self.stage.keep_fitted = True
         self.ltr = export.ltr_model()
@@ -378,6 +386,9 @@ class Searcher:
         self._columns: list[int] | None = None
         self.threads = threads
         self._family_matrix = self.ltr._family_matrix()
+        booster = self.ltr.booster
+        assert booster is not None
+        self.paths = PathExplainer(booster, self._family_matrix, self.ltr.best_iteration)
         self.fast: FastPart | None = None
         self.warm()  # the stage's own path fits and keeps the part's history models
         self.fast = FastPart(self.stage, PART)
@@ -434,8 +445,11 @@ class Searcher:
         return self._columns
 
     def search(self, user_id: str | None, query: str | None, ctx: Context, k: int = 10,
-               filters: Filters | None = None, explain: bool = True) -> SearchResult:
-        """Rank the candidates of one request; the top ``k`` with explanations."""
+               filters: Filters | None = None, explain: bool = True,
+               method: ExplainMethod = "path") -> SearchResult:
+        """Rank the candidates of one request; the top ``k`` with explanations (``method``
+        "path": path attributions, :mod:`kgrank.ranking.paths`; "shap": TreeSHAP, as the run's
+        ``explanations.json``; both per family and summing to the score)."""
         timings: dict[str, float] = {}
         encoders = [e for e in (self.query_text, self.query_image) if e is not None]
         enc0 = sum(e.thread_seconds() for e in encoders)
@@ -457,7 +471,7 @@ class Searcher:
         t3 = time.perf_counter()
         timings["ltr"] = t3 - t2
         if order:
-            contrib, fams = (self.explain(x[order]) if explain
+            contrib, fams = (self.explain(x[order], method) if explain
                              else (np.zeros((len(order), 0)), []))
             for r, j in enumerate(order):
                 i = int(items[j])
@@ -476,15 +490,22 @@ class Searcher:
         return np.asarray(booster.predict(x, num_iteration=self.ltr.best_iteration,
                                           raw_score=True, num_threads=self.threads), np.float64)
 
-    def explain(self, x: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        """``self.ltr.explain(x)`` (per-family TreeSHAP) on ``self.threads`` threads."""
+    def explain(self, x: np.ndarray, method: ExplainMethod = "shap"
+                ) -> tuple[np.ndarray, list[str]]:
+        """Per-family contributions plus the bias column, on ``self.threads`` threads:
+        ``self.ltr.explain(x)`` (TreeSHAP) or the path attributions (``method="path"``)."""
+        names = [*self.ltr.family_names, BIAS]
+        if method == "path":
+            contrib, bias = self.paths.explain(x, self.threads)
+            return np.column_stack([contrib, np.full(len(x), bias)]), names
+        if method != "shap":
+            raise ValueError(f"unknown explanation method {method!r} (path, shap)")
         booster = self.ltr.booster
         assert booster is not None
         raw = np.asarray(booster.predict(x, num_iteration=self.ltr.best_iteration,
                                          pred_contrib=True, num_threads=self.threads),
                          np.float64)
-        return (np.column_stack([raw[:, :-1] @ self._family_matrix, raw[:, -1]]),
-                [*self.ltr.family_names, BIAS])
+        return np.column_stack([raw[:, :-1] @ self._family_matrix, raw[:, -1]]), names
 
     def similar(self, item_id: str, k: int = 10) -> list[tuple[str, float]]:
         """Nearest items by fused embedding (FAISS inner product), the item itself excluded."""

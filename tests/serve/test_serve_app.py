@@ -101,6 +101,7 @@ BAD: list[tuple[Any, str]] = [
     ({"filters": {"min_price": -1}}, "filters.min_price:"),
     ({"filters": {"min_price": 50, "max_price": 10}}, "filters.min_price:"),
     ({"unknown": 1}, "unknown:"),
+    ({"explain_method": "lime"}, "explain_method:"),
     ([1, 2, 3], "body"),
     ("not an object", "body"),
 ]
@@ -136,6 +137,8 @@ def test_known_queries_are_pinned_and_not_encoded_again(searcher: Searcher) -> N
         fresh = enc([known])[0]
     assert np.allclose(enc.pinned[known], fresh, atol=1e-5)
     assert enc.misses == misses + 1 and known not in enc.cache  # uncached() restored the cache
+    if searcher.query_image is not None:  # the image model's text tower: pinned at start-up
+        assert set(searcher.query_image.pinned) == set(enc.pinned)
 
 
 def test_searcher_limits_native_thread_pools(searcher: Searcher) -> None:
@@ -144,3 +147,16 @@ def test_searcher_limits_native_thread_pools(searcher: Searcher) -> None:
     assert searcher.threads == 1
     pools = [p for p in threadpool_info() if p["user_api"] == "blas"]
     assert pools and all(p["num_threads"] == 1 for p in pools)
+
+
+def test_both_explanation_methods_sum_to_the_score(client: TestClient, searcher: Searcher
+                                                   ) -> None:
+    body = {"user_id": searcher.dataset.users["user_id"].iloc[3], "k": 6}
+    out = {m: client.post("/search", json={**body, "explain_method": m}).json()
+           for m in ("path", "shap")}
+    path, shap = out["path"]["results"], out["shap"]["results"]
+    assert [h["item_id"] for h in path] == [h["item_id"] for h in shap]  # same ranking
+    for a, b in zip(path, shap, strict=True):
+        assert sum(a["why"].values()) == pytest.approx(a["score"], abs=1e-3)
+        assert sum(b["why"].values()) == pytest.approx(b["score"], abs=1e-3)
+        assert set(a["why"]) == set(b["why"])

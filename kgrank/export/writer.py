@@ -17,6 +17,7 @@ Layout (all written into a temporary sibling of ``OUT_DIR`` and renamed into pla
     onnx/{user,item}_tower.onnx   the fusion towers (checked against torch, max abs diff <= 1e-5)
     fusion/fusion.json            fusion spec, context vocabulary, cached query texts
     fusion/queries.safetensors    the cached query vectors
+    encoders/image/queries.safetensors   the same queries through the image model's text tower
     ranking/ltr_model.txt (+ .meta.json)   the LightGBM LambdaRank model as text
     encoders/<m>/meta.json        encoder ids (+ the LiT-aligned image weights when used)
 
@@ -143,6 +144,18 @@ def export_run(run_dir: Path, out_dir: Path, data_path: Path | None = None,
                 str(tmp / "fusion" / "queries.safetensors"))
         files["fusion_meta"] = "fusion/fusion.json"
         files["fusion_queries"] = "fusion/queries.safetensors"
+        if fusion.queries.texts and "image" in cfg.encoders.modalities and (
+                tmp / "encoders" / "image").is_dir():
+            # the known queries through the image model's text tower, once (serving pins them:
+            # this tower pads every query to 77 tokens, ~40 ms a query on one core)
+            from kgrank.encoders.stage import build_image_encoder
+
+            lit = files.get("image_aligned")
+            encoder = build_image_encoder(cfg.encoders.image, None if lit is None else tmp / lit)
+            save_np({"queries": np.ascontiguousarray(
+                encoder.encode_text(list(fusion.queries.texts)), np.float32)},
+                str(tmp / "encoders" / "image" / "queries.safetensors"))
+            files["image_queries"] = "encoders/image/queries.safetensors"
         fused = fusion.item_emb()
         put_emb("fusion", "items", item_ids, fused, True)
         history = split.history("test")

@@ -305,8 +305,8 @@ class Searcher:
     LightGBM threads per request; ``query_cache``: distinct query texts kept per encoder (LRU);
     ``text_encoder``: use this encoder instead of building the run's; ``pin_queries``: serve the
     queries the run's fusion stage encoded (the export's ``fusion/queries.safetensors``) from
-    that table instead of encoding them per request, and encode them once at start-up with the
-    image model's text tower (for the query-photo similarity).
+    that table instead of encoding them per request, and likewise for the image model's text
+    tower (the export's ``encoders/image/queries.safetensors``).
     """
 
     def __init__(self, export: Export, candidates: int | None = None, threads: int = 1,
@@ -365,10 +365,12 @@ class Searcher:
             # the fusion stage encoded the run's training queries with this text encoder: the
             # export's copy saves a transformer pass per request on every known query
             self.query_text.pin(fusion.queries.texts, fusion.queries.vectors)
-        if pin_queries and self.query_image is not None and fusion.queries.texts:
-            # the image model's text tower has no stored vectors: encode the known queries once
-            texts = list(fusion.queries.texts)
-            self.query_image.pin(texts, self.query_image.encode(texts))
+        if (pin_queries and self.query_image is not None and fusion.queries.texts
+                and "image_queries" in export.manifest.files):
+            from safetensors.numpy import load_file
+
+            self.query_image.pin(fusion.queries.texts,
+                                 load_file(str(export.path("image_queries")))["queries"])
         self.stage = RankingStage(self.dataset, self.split, cfg, inputs, progress=False)
         self.stage.keep_fitted = True
         self.ltr = export.ltr_model()

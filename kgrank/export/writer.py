@@ -147,7 +147,7 @@ def export_run(run_dir: Path, out_dir: Path, data_path: Path | None = None,
         if fusion.queries.texts and "image" in cfg.encoders.modalities and (
                 tmp / "encoders" / "image").is_dir():
             # the known queries through the image model's text tower, once (serving pins them:
-            # this tower pads every query to 77 tokens, ~40 ms a query on one core)
+            # ~37 ms a query on one core, measured at searcher start-up on the demo)
             from kgrank.encoders.stage import build_image_encoder
 
             lit = files.get("image_aligned")

@@ -7,8 +7,10 @@ sequentially, with the share of time per step (query embedding, candidates = sou
 top-N union, feature table, LightGBM predict, per-family explanations: path attributions by
 default, TreeSHAP with `--explain-method shap`). Over HTTP:
 ``python -m kgrank.serve`` (``kgrank serve``, with ``--workers`` processes) in a subprocess on a
-free loopback port, ``--requests`` requests from ``--concurrency`` client threads (bounded load).
-Errors (non-200 answers, exceptions) are counted; the bar is 0.
+free loopback port, ``--requests`` requests from ``--concurrency`` client threads (bounded load:
+closed loop), or with ``--rate R`` Poisson arrivals at R requests/s (open loop, at most
+``--concurrency`` in flight; latency counted from each arrival, so waiting for a free client is
+included). Errors (non-200 answers, exceptions) are counted; the bar is 0.
 
     .venv/bin/python benchmarks/serve_latency.py --export runs/export/demo
     .venv/bin/python benchmarks/serve_latency.py --export runs/export/demo --workers 2
@@ -79,7 +81,12 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="export this run first (to --export)")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--inprocess", type=int, default=500, help="in-process requests")
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="client threads (closed loop), or the most requests in flight "
+                        "with --rate")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="open loop: Poisson arrivals at this many requests/s, latency "
+                        "from each arrival (0: closed loop, each client sends when answered)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--target-candidates", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1, help="threads per server process")
@@ -166,11 +173,13 @@ def main() -> None:
             time.sleep(0.5)
         local = threading.local()
 
-        def call(i: int) -> tuple[float, bool]:
+        def call(i: int, due: float | None = None) -> tuple[float, bool]:
             client = getattr(local, "client", None)
             if client is None:
                 client = local.client = httpx.Client(base_url=url, timeout=60)
-            t = time.perf_counter()
+            if due is not None:  # open loop: wait for the arrival time, measure from it
+                time.sleep(max(0.0, due - time.perf_counter()))
+            t = time.perf_counter() if due is None else due
             try:
                 ok = client.post("/search", json=bodies[i % len(bodies)]).status_code == 200
             except httpx.HTTPError:
@@ -181,9 +190,13 @@ def main() -> None:
         with ThreadPoolExecutor(args.concurrency) as pool:  # warm-up (not counted)
             list(pool.map(call, range(n_warm)))
         t_http = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:  # requests after the warm-up's
-            out = list(tqdm(pool.map(call, range(n_warm, n_warm + args.requests)),
-                            total=args.requests,
+        ids = range(n_warm, n_warm + args.requests)  # requests after the warm-up's
+        dues: list[float | None] = [None] * args.requests
+        if args.rate > 0:  # Poisson arrivals; latency counts the wait for a free client too
+            gaps = np.random.default_rng(1).exponential(1.0 / args.rate, args.requests)
+            dues = list(t_http + 0.05 + np.cumsum(gaps))
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            out = list(tqdm(pool.map(call, ids, dues), total=args.requests,
                             desc=f"http x{args.concurrency}"))
         wall = time.perf_counter() - t_http
     finally:
@@ -200,7 +213,9 @@ def main() -> None:
           f"query, {query_hit:.0%} of text-encoder lookups cached")
     print(f"in-process ({args.inprocess} sequential): p50 {pct(lat, 50):.1f} ms, p99 "
           f"{pct(lat, 99):.1f} ms; share " + ", ".join(f"{k} {v:.0%}" for k, v in share.items()))
-    print(f"HTTP ({args.requests} requests, concurrency {args.concurrency}, {args.workers} "
+    load_desc = (f"open loop at {args.rate:g} req/s, <= {args.concurrency} in flight"
+                 if args.rate > 0 else f"concurrency {args.concurrency}")
+    print(f"HTTP ({args.requests} requests, {load_desc}, {args.workers} "
           f"worker process(es) x {args.threads} thread(s)): p50 "
           f"{pct(http_lat, 50):.1f} ms, p99 {pct(http_lat, 99):.1f} ms, "
           f"{args.requests / wall:.1f} req/s, errors {errors_http}")
@@ -210,7 +225,7 @@ def main() -> None:
         "inproc_n": args.inprocess, "inproc_p50_ms": round(pct(lat, 50), 1),
         "inproc_p99_ms": round(pct(lat, 99), 1), "query_cache_hit": round(query_hit, 3),
         **{f"share_{k}": round(v, 3) for k, v in share.items()},
-        "http_n": args.requests, "concurrency": args.concurrency,
+        "http_n": args.requests, "concurrency": args.concurrency, "rate": args.rate,
         "http_p50_ms": round(pct(http_lat, 50), 1), "http_p99_ms": round(pct(http_lat, 99), 1),
         "http_rps": round(args.requests / wall, 1), "errors": errors_in + errors_http,
         "threads": args.threads, "workers": args.workers, "explain": args.explain,

@@ -92,7 +92,10 @@ def create_app(searcher: Searcher) -> FastAPI:
                 "users": list(searcher.user_row)[:50], "max_k": MAX_K}
 
     @app.post("/search", response_model=SearchOut)
-    def search(body: SearchIn) -> SearchOut:
+    async def search(body: SearchIn) -> SearchOut:
+        # async and blocking on purpose: a worker process ranks one request at a time (~20 ms
+        # of CPU) instead of taking more into its thread pool while another worker idles
+        # (measured, demo export, 2 workers: open-loop p99 at 60 req/s 214 -> 130 ms)
         ctx = body.context
         if ctx is not None and ctx.device is not None and ctx.device not in devices:
             raise _unprocessable("context.device", f"unknown device {ctx.device!r}; known: "

@@ -162,8 +162,11 @@ class PartFeatures:
         """Full-catalog cos(query, item text); -inf for requests without a query (so that a
         candidate source built on it proposes nothing for them)."""
         emb = self.embeddings["text"][0]
+        has_np = self.requests.has_query[rows]
+        if not has_np.any():  # the same all -inf answer without the [B, n_items] product
+            return torch.full((len(has_np), emb.shape[0]), -torch.inf, dtype=torch.float32)
         out = torch.from_numpy(self.query_emb["text"][rows] @ emb.T)
-        has = torch.from_numpy(self.requests.has_query[rows])
+        has = torch.from_numpy(has_np)
         return out.masked_fill(~has[:, None], -torch.inf)
 
     def build(

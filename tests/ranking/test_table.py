@@ -18,3 +18,27 @@ def test_attribute_values_join_the_query_tokens() -> None:
     index = TokenIndex.build(texts)
     share = index.overlap(np.array(["red linen shirt", None, "blue striped"], dtype=object))
     np.testing.assert_allclose(share.toarray(), [[1, 0, 0], [0, 0, 0], [0, 0, 0.5]], rtol=1e-6)
+
+
+def test_query_scores_are_minus_inf_without_a_query() -> None:
+    import torch
+
+    from kgrank.features.history import request_history
+    from kgrank.features.requests import Requests
+    from kgrank.ranking.table import PartFeatures
+    from tests.features.test_history import HISTORY, _history
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(10, 4)).astype(np.float32)
+    none = np.full(3, None, dtype=object)
+    req = Requests(np.array([0, 1, 0]), np.array([20, 20, 20]), none, none.copy(),
+                   np.array([None, "a query", None], dtype=object))
+    qemb = np.zeros((3, 4), np.float32)
+    qemb[1] = rng.normal(size=4)
+    feats = PartFeatures(req, request_history(req, _history(HISTORY)), 10,
+                         {"text": (emb, "text")}, {"text": qemb})
+    all_none = feats.query_scores(np.array([0, 2]))
+    assert all_none.shape == (2, 10) and torch.isneginf(all_none).all()
+    mixed = feats.query_scores(np.array([0, 1, 2]))
+    assert torch.isneginf(mixed[[0, 2]]).all()
+    assert torch.allclose(mixed[1], torch.from_numpy(emb @ qemb[1]))

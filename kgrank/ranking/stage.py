@@ -469,22 +469,28 @@ class RankingStage:
                 pred = model.predict(x[:, sets[key]]).astype(np.float32)
                 out[key][rows[cells[:, 0]], cells[:, 1]] = pred
             if lo < n_explain:
-                full = models[FULL]
-                contrib, fams = full.explain(x[:, sets[FULL]])
+                # TreeSHAP only for the rows shown: each request's top k (not the whole chunk)
                 pred = out[FULL][rows]
+                tops = []
                 for r in range(min(len(rows), n_explain - lo)):
                     at = np.flatnonzero(cells[:, 0] == r)
-                    top = at[np.argsort(-pred[r, cells[at, 1]], kind="stable")[: self.k]]
-                    req = data.requests
+                    tops.append(at[np.argsort(-pred[r, cells[at, 1]], kind="stable")[: self.k]])
+                shown = np.concatenate([np.zeros(0, np.int64), *tops])
+                if not len(shown):
+                    continue
+                contrib, fams = models[FULL].explain(x[shown][:, sets[FULL]])
+                row_of = {int(j): i for i, j in enumerate(shown)}
+                req = data.requests
+                for r, top in enumerate(tops):
                     explanations.append({
                         "user": int(req.user_idx[rows[r]]),
                         "query": req.query[rows[r]],
                         "device": req.device[rows[r]],
                         "location": req.location[rows[r]],
                         "results": [{"item": str(item_ids[items[j]]),
-                                     "score": float(contrib[j].sum()),
-                                     "why": {f: round(float(v), 4)
-                                             for f, v in zip(fams, contrib[j], strict=True)}}
+                                     "score": float(contrib[row_of[int(j)]].sum()),
+                                     "why": {f: round(float(v), 4) for f, v in
+                                             zip(fams, contrib[row_of[int(j)]], strict=True)}}
                                     for j in top],
                     })
         return out, explanations

@@ -244,7 +244,8 @@ class LTRModel:
         # One binned Dataset over all rows, then the training and holdout groups as subsets of
         # it: LightGBM copies binned rows (1 byte per feature), never the float matrix X.
         full = lgb.Dataset(X, label=y.astype(np.int32), group=sizes,
-                           feature_name=lgb_names(self.feature_names), params=dict(params), free_raw_data=True).construct()
+                           feature_name=lgb_names(self.feature_names), params=dict(params),
+                           free_raw_data=True).construct()
         train_rows = rows_of(offsets, self.train_groups)
         train = full.subset(train_rows.tolist())  # rows are sorted: LightGBM sorts them again
         if self.used_position and position is not None:

@@ -287,7 +287,8 @@ class SearchResult:
     n_candidates: int
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per step: query_embed, candidates (source scores + top-N union), features (the
-    LTR table), ltr (LightGBM predict + ordering), explain (per-family path attributions or TreeSHAP of the hits)."""
+    LTR table), ltr (LightGBM predict + ordering), explain (per-family path attributions or
+    TreeSHAP of the hits)."""
 
 
 def _baselines(export: Export, cfg: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
@@ -316,8 +317,8 @@ class Searcher:
         torch.set_num_threads(threads)
         # numpy's OpenBLAS and the OpenMP runtimes default to every core; concurrent requests
         # (threads, or worker processes) then oversubscribe it, and a 1x384 @ 384x3000 product
-        # waits on spinning pool threads (on 2 busy cores: p50 88 -> 40 ms in-process). Process-wide,
-        # like torch.set_num_threads.
+        # waits on spinning pool threads (on 2 busy cores: p50 88 -> 40 ms in-process).
+        # Process-wide, like torch.set_num_threads.
         self._thread_limits = threadpool_limits(threads)
         self.export = export
         cfg = export.config

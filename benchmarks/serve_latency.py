@@ -20,6 +20,8 @@ included). Errors (non-200 answers, exceptions) are counted; the bar is 0.
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import socket
 import subprocess
 import sys
@@ -91,6 +93,13 @@ def main() -> None:
     parser.add_argument("--target-candidates", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1, help="threads per server process")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument("--client", choices=["stdlib", "httpx"], default="stdlib",
+                        help="HTTP client of the load threads: http.client (keep-alive, little "
+                        "CPU: the client shares the cores with the server) or httpx")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0,
+                        help="the server's wait for a batch to fill")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="the server's dynamic batching limit (1: one request at a time)")
     parser.add_argument("--no-explain", dest="explain", action="store_false",
                         help="requests without per-family explanations")
     parser.add_argument("--explain-method", choices=["path", "shap"], default="path",
@@ -155,7 +164,9 @@ def main() -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "kgrank.serve", str(args.export),
                              "--port", str(port), "--candidates", str(n_top),
-                             "--threads", str(args.threads), "--workers", str(args.workers)],
+                             "--threads", str(args.threads), "--workers", str(args.workers),
+                             "--max-batch", str(args.max_batch),
+                             "--max-wait-ms", str(args.max_wait_ms)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -173,18 +184,41 @@ def main() -> None:
             time.sleep(0.5)
         local = threading.local()
 
-        def call(i: int, due: float | None = None) -> tuple[float, bool]:
-            client = getattr(local, "client", None)
-            if client is None:
-                client = local.client = httpx.Client(base_url=url, timeout=60)
+        payloads = [json.dumps(b).encode() for b in bodies]
+
+        def post(i: int) -> tuple[int, bytes]:
+            if args.client == "httpx":
+                client = getattr(local, "client", None)
+                if client is None:
+                    client = local.client = httpx.Client(base_url=url, timeout=60)
+                resp = client.post("/search", content=payloads[i % len(payloads)],
+                                   headers={"content-type": "application/json"})
+                return resp.status_code, resp.content
+            conn = getattr(local, "conn", None)
+            if conn is None:
+                conn = local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            try:
+                conn.request("POST", "/search", body=payloads[i % len(payloads)],
+                             headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+            except (OSError, http.client.HTTPException):
+                local.conn = None  # reconnect on the next request
+                conn.close()
+                raise
+
+        def call(i: int, due: float | None = None) -> tuple[float, bool, int]:
             if due is not None:  # open loop: wait for the arrival time, measure from it
                 time.sleep(max(0.0, due - time.perf_counter()))
             t = time.perf_counter() if due is None else due
+            batch = 0
             try:
-                ok = client.post("/search", json=bodies[i % len(bodies)]).status_code == 200
-            except httpx.HTTPError:
+                status, content = post(i)
+                ok = status == 200
+                batch = int(json.loads(content).get("batch_size", 1)) if ok else 0
+            except (OSError, http.client.HTTPException, httpx.HTTPError):
                 ok = False
-            return time.perf_counter() - t, ok
+            return time.perf_counter() - t, ok, batch
 
         n_warm = max(20, 4 * args.concurrency)
         with ThreadPoolExecutor(args.concurrency) as pool:  # warm-up (not counted)
@@ -202,8 +236,9 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    http_lat = [t for t, _ in out]
-    errors_http = sum(not ok for _, ok in out)
+    http_lat = [t for t, _, _ in out]
+    errors_http = sum(not ok for _, ok, _ in out)
+    batch_mean = float(np.mean([b for _, ok, b in out if ok])) if len(out) > errors_http else 0.0
 
     ex = load(args.export)
     print(f"machine: {machine()}; export {args.export} ({ex.manifest.run_name}: "
@@ -218,7 +253,8 @@ def main() -> None:
     print(f"HTTP ({args.requests} requests, {load_desc}, {args.workers} "
           f"worker process(es) x {args.threads} thread(s)): p50 "
           f"{pct(http_lat, 50):.1f} ms, p99 {pct(http_lat, 99):.1f} ms, "
-          f"{args.requests / wall:.1f} req/s, errors {errors_http}")
+          f"{args.requests / wall:.1f} req/s, errors {errors_http}; mean batch {batch_mean:.2f} "
+          f"(max {args.max_batch})")
     fields = {
         "export": ex.manifest.run_name, "items": ex.manifest.n_items, "k": args.k,
         "candidates_mean": round(float(np.mean(sizes))), "top_n": n_top,
@@ -228,7 +264,9 @@ def main() -> None:
         "http_n": args.requests, "concurrency": args.concurrency, "rate": args.rate,
         "http_p50_ms": round(pct(http_lat, 50), 1), "http_p99_ms": round(pct(http_lat, 99), 1),
         "http_rps": round(args.requests / wall, 1), "errors": errors_in + errors_http,
-        "threads": args.threads, "workers": args.workers, "explain": args.explain,
+        "threads": args.threads, "workers": args.workers, "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "batch_mean": round(batch_mean, 2), "client": args.client, "explain": args.explain,
         "explain_method": args.explain_method,
     }
     print("RESULT serve_latency " + " ".join(f"{k}={v}" for k, v in fields.items()))

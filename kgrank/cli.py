@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "threads per worker")
     srv.add_argument("--workers", type=int, default=1, help="uvicorn worker processes on the "
                      "port, each with its own searcher (one per core serves requests in parallel)")
+    srv.add_argument("--max-batch", type=int, default=8, help="most /search requests a worker "
+                     "ranks in one batch (those that queued while it was busy; 1: no batching)")
+    srv.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a worker waits "
+                     "for a batch to fill before ranking it (0: never)")
 
     cfg = sub.add_parser("config", help="show a resolved config or describe every field")
     csub = cfg.add_subparsers(dest="config_command", required=True)
@@ -313,8 +317,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--candidates {args.candidates}: must be at least 1")
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be at least 1")
+    if args.max_batch < 1:
+        raise ConfigError(f"--max-batch {args.max_batch}: must be at least 1")
+    if not args.max_wait_ms >= 0:
+        raise ConfigError(f"--max-wait-ms {args.max_wait_ms}: must be at least 0")
     serve(args.export_dir, args.host, args.port, args.candidates, max(1, args.threads),
-          args.workers)
+          args.workers, args.max_batch, args.max_wait_ms)
     return 0
 
 

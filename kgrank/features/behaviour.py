@@ -684,13 +684,14 @@ class BehaviourFeatures:
             perm = np.argsort(cand[rows], axis=1, kind="stable")
             sorted_cand = np.take_along_axis(cand[rows], perm, axis=1)
             part = self._chunk(requests.take(rows), sorted_cand)
-            pad = sorted_cand < 0
-            for name in names:
-                values = part[name].reshape(len(rows), -1)
-                values = np.where(pad | ~np.isfinite(values), 0.0, values).astype(np.float32)
-                block = np.empty_like(values)
-                np.put_along_axis(block, perm, values, axis=1)
-                out[name][rows] = block
+            # every feature at once: [F, r, C] float64 -> padding / non-finite to 0 -> float32,
+            # back in the caller's candidate order
+            values = np.stack([part[name].reshape(len(rows), -1) for name in names])
+            values = np.where((sorted_cand < 0) | ~np.isfinite(values), 0.0, values)
+            block = np.empty(values.shape, np.float32)
+            block[:, np.arange(len(rows))[:, None], perm] = values
+            for j, name in enumerate(names):
+                out[name][rows] = block[j]
         return out
 
     def _session_features(self, t: np.ndarray, start: np.ndarray, stop: np.ndarray,

@@ -174,37 +174,50 @@ class NeighbourIndex:
                    ) -> sp.csr_matrix:
         """``[R, n_users]`` similarities ``s_v`` of each request's neighbours (other entries 0);
         ``user`` the requesting users (-1 = unknown), ``(owner, item)`` their events ``<= t``."""
+        r, c, v = self._neighbour_entries(user, owner, item)
+        return sp.csr_matrix((v, c, np.r_[0, np.cumsum(np.bincount(r, minlength=len(user)))]),
+                             shape=(len(user), self.n_users))
+
+    def _neighbour_entries(self, user: np.ndarray, owner: np.ndarray, item: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`neighbours` as (request, user, similarity) entries sorted by request, then
+        user. Plain array code (sorts, gathers, bincounts) rather than scipy products: a
+        serving request has one row, where scipy's per-call overhead was most of the cost."""
         nr = len(user)
-        queries = {b: _counts(owner, self.codes[b][item], nr, self.sizes[b],
-                              binary=b == "item") for b in self.sim_blocks}
-        q_norms = {b: _sq_norms(q) for b, q in queries.items()}
+        queries = {b: _query_counts(owner, self.codes[b][item], self.sizes[b], b == "item")
+                   for b in self.sim_blocks}
+        q_norms = {b: np.bincount(q[0], weights=q[2] ** 2, minlength=nr)
+                   for b, q in queries.items()}
         step = max(1, SIM_CELLS // max(self.n_users, 1))
-        rows: list[np.ndarray] = []
-        cols: list[np.ndarray] = []
-        vals: list[np.ndarray] = []
+        rows: list[np.ndarray] = [np.zeros(0, np.int64)]
+        cols: list[np.ndarray] = [np.zeros(0, np.int64)]
+        vals: list[np.ndarray] = [np.zeros(0, np.float64)]
         for lo in range(0, nr if self.sim_blocks and self.n_users else 0, step):
             hi = min(lo + step, nr)
-            sim = np.zeros((hi - lo, self.n_users), dtype=np.float32)  # halves the selection
+            sim = np.zeros((hi - lo) * self.n_users, dtype=np.float32)  # halves the selection
             for b in self.sim_blocks:  # in a fixed block order: a canonical sum
-                dots = sp.csr_matrix(queries[b][lo:hi] @ self.profiles_t[b])
-                row = np.repeat(np.arange(hi - lo), np.diff(dots.indptr))
-                # (row, column) pairs are unique; both norms are > 0 wherever a dot product is
-                sim[row, dots.indices] += (dots.data / np.sqrt(
-                    q_norms[b][lo + row] * self.sq_norms[b][dots.indices])).astype(np.float32)
+                q_row, q_code, q_count = queries[b]
+                a, z = np.searchsorted(q_row, [lo, hi])
+                prof = self.profiles_t[b]
+                k, other = _expand(prof.indptr, q_code[a:z])
+                # <n_b(q), n_b(v)>: sums of small integers, exact in any order
+                dots = np.bincount((q_row[a:z][k] - lo) * self.n_users + prof.indices[other],
+                                   weights=q_count[a:z][k] * prof.data[other],
+                                   minlength=(hi - lo) * self.n_users)
+                cell = np.flatnonzero(dots)  # both norms are > 0 wherever a dot product is
+                row, col = np.divmod(cell, self.n_users)
+                sim[cell] += (dots[cell] / np.sqrt(
+                    q_norms[b][lo + row] * self.sq_norms[b][col])).astype(np.float32)
             sim /= np.float32(len(self.sim_blocks))
+            sim2 = sim.reshape(hi - lo, self.n_users)
             u = user[lo:hi]
             own = (u >= 0) & (u < self.n_users)
-            sim[np.flatnonzero(own), u[own]] = 0.0  # never the user's own (whole-history) profile
-            r, c = np.nonzero(_top_k(sim, self.k))
+            sim2[np.flatnonzero(own), u[own]] = 0.0  # never the user's own (whole-history) profile
+            r, c = np.nonzero(_top_k(sim2, self.k))
             rows.append(r + lo)
             cols.append(c)
-            vals.append(sim[r, c].astype(np.float64))
-        if not rows:
-            return sp.csr_matrix((nr, self.n_users))
-        out = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                            shape=(nr, self.n_users))
-        out.sort_indices()
-        return out
+            vals.append(sim2[r, c].astype(np.float64))
+        return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
 
     def features(self, user: np.ndarray, owner: np.ndarray, item: np.ndarray,
                  rf: np.ndarray, cand: np.ndarray, attributes: list[str]
@@ -212,33 +225,55 @@ class NeighbourIndex:
         """Every neighbourhood feature over the flattened pairs (``rf`` request, ``cand`` item of
         each pair)."""
         nr = len(user)
-        w = self.neighbours(user, owner, item)
-        n_nbr = np.diff(w.indptr).astype(np.float64)
-        w_sum = np.asarray(w.sum(axis=1)).ravel()
-        wn = sp.csr_matrix(sp.diags(np.divide(1.0, w_sum, out=np.zeros(nr), where=w_sum > 0))
-                           @ w)
-        wn.sort_indices()
+        r, c, s = self._neighbour_entries(user, owner, item)
+        n_nbr = np.bincount(r, minlength=nr).astype(np.float64)
+        w_sum = np.bincount(r, weights=s, minlength=nr)  # in user order
+        wn = s * np.divide(1.0, w_sum, out=np.zeros(nr), where=w_sum > 0)[r]
         f = {"nbr_sim": np.divide(w_sum, n_nbr, out=np.zeros(nr), where=n_nbr > 0)[rf]}
         blocks = ["leaf", "parent", "brand", *(f"attr_{c}" for c in attributes), "item"]
         for b in blocks:
-            mat = sp.csr_matrix(wn @ self.shares[b]).tocoo()
+            share = self.shares[b]
             size = max(self.sizes[b], 1)
-            keys = mat.row.astype(np.int64) * size + mat.col
-            order = np.argsort(keys)
-            keys, values = keys[order], mat.data[order]
+            k, at = _expand(share.indptr, c)
+            keys = r[k] * size + share.indices[at]
+            terms = wn[k] * share.data[at]
+            order = np.argsort(keys, kind="stable")  # per key: the neighbours in user order
+            keys, terms = keys[order], terms[order]
             code = self.codes[b][cand]
             out = np.zeros(len(cand))
             if len(keys):
+                starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+                keys, values = keys[starts], np.add.reduceat(terms, starts)
                 q = rf * size + np.maximum(code, 0)
                 pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
                 hit = (keys[pos] == q) & (code >= 0)
                 out[hit] = values[pos[hit]]
             f[f"nbr_{b}_share"] = out
-        priced_w = wn @ self.user_priced
-        mean = np.divide(wn @ (self.user_price * self.user_priced), priced_w,
-                         out=np.zeros(nr), where=priced_w > 0)
+        priced_w = np.bincount(r, weights=wn * self.user_priced[c], minlength=nr)
+        mean = np.divide(np.bincount(r, weights=wn * (self.user_price * self.user_priced)[c],
+                                     minlength=nr),
+                         priced_w, out=np.zeros(nr), where=priced_w > 0)
         rp = self.rel_price[cand]
         ok = np.isfinite(rp) & (priced_w[rf] > 0)
         f["nbr_rel_price_gap"] = np.where(ok, np.nan_to_num(rp) - mean[rf], 0.0)
         f["nbr_rel_price_abs_gap"] = np.abs(f["nbr_rel_price_gap"])
         return f
+
+
+def _query_counts(owner: np.ndarray, code: np.ndarray, size: int, binary: bool
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The requests' profiles ``n_b(q)`` as (request, code, count) entries sorted by request,
+    then code (code -1 skipped; ``binary``: presence)."""
+    ok = code >= 0
+    keys, counts = np.unique(owner[ok] * max(size, 1) + code[ok], return_counts=True)
+    row, col = np.divmod(keys, max(size, 1))
+    return row, col, (np.ones(len(keys)) if binary else counts.astype(np.float64))
+
+
+def _expand(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every stored entry of the CSR rows ``rows[k]``: ``(k, its position in the data)``."""
+    starts = indptr[rows].astype(np.int64)
+    lengths = indptr[rows + 1].astype(np.int64) - starts
+    k = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
+    offsets = np.cumsum(lengths) - lengths
+    return k, np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - offsets, lengths)

@@ -115,6 +115,11 @@ def item_tokens_text(texts: Sequence[str], items: pd.DataFrame, attributes: Sequ
     return [" ".join(w for w in (t, *(col[i] for col in values)) if w) for i, t in enumerate(texts)]
 
 
+def present_rows(emb: np.ndarray) -> np.ndarray:
+    """Whether each row of an embedding table is non-zero (the item has that modality)."""
+    return np.asarray(np.abs(emb).sum(-1) > 0)
+
+
 def _normalize_rows(mat: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(mat, axis=1, keepdims=True)
     return np.divide(mat, norms, out=np.zeros_like(mat), where=norms > 0)
@@ -141,6 +146,10 @@ class PartFeatures:
     history_len: int = 20
     clusters: Mapping[str, np.ndarray] = field(default_factory=dict)
     """name (a key of ``embeddings``) -> k-means cluster of each item (-1: none)."""
+    present: Mapping[str, np.ndarray] = field(default_factory=dict)
+    """name -> whether each item has an embedding (a non-zero row), as :func:`present_rows`
+    gives it; computed here for names it lacks (callers that build many instances over the
+    same embeddings pass it, computed once)."""
     _profiles: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, init=False)
     _shares: dict[str, np.ndarray] = field(default_factory=dict, init=False)
 
@@ -152,6 +161,11 @@ class PartFeatures:
                                     _normalize_rows(np.asarray(last @ emb, np.float32)))
         for name, labels in self.clusters.items():
             self._shares[name] = cluster_shares(weights, labels)
+
+    def _present(self, name: str) -> np.ndarray:
+        if name not in self.present:
+            self.present = {**self.present, name: present_rows(self.embeddings[name][0])}
+        return self.present[name]
 
     def profile_scores(self, name: str, rows: np.ndarray) -> torch.Tensor:
         """Full-catalog cos(profile, item) of modality ``name`` for request rows [B, n_items]."""
@@ -197,13 +211,21 @@ class PartFeatures:
             put(f"score_{s}", val, SOURCE_FAMILY.get(s, s))
             if s in source_ranks:
                 put(f"rank_{s}", source_ranks[s], SOURCE_FAMILY.get(s, s))
+        query_sims: dict[str, np.ndarray] = {}
         for name, (emb, family) in self.embeddings.items():
             prof, last = self._profiles[name]
-            gathered = emb[safe]  # [B, C, d]
-            put(f"{name}_profile_sim", np.einsum("bcd,bd->bc", gathered, prof[rows]), family)
-            put(f"{name}_last_sim", np.einsum("bcd,bd->bc", gathered, last[rows]), family)
+            vecs = [prof[rows], last[rows]]
+            if name in self.query_emb:
+                vecs.append(self.query_emb[name][rows])
+            # one gather of the candidates' rows and one batched product for every similarity
+            # in this space (the gather dominates: [B, C, d] floats)
+            sims = np.matmul(emb[safe], np.stack(vecs, axis=2))  # [B, C, len(vecs)]
+            put(f"{name}_profile_sim", sims[..., 0], family)
+            put(f"{name}_last_sim", sims[..., 1], family)
+            if name in self.query_emb:
+                query_sims[name] = sims[..., 2]
             if family in ("text", "image"):
-                put(f"item_has_{family}", (np.abs(gathered).sum(-1) > 0), family)
+                put(f"item_has_{family}", self._present(name)[safe], family)
             if name in self._shares:
                 put(f"{name}_cluster_share",
                     share_at(self._shares[name], self.clusters[name], rows, items), family)
@@ -211,8 +233,9 @@ class PartFeatures:
         if self.query_emb:
             put("has_query", has_query[:, None], "query")
         for space, qemb in self.query_emb.items():
-            emb = self.embeddings[space][0]
-            sim = np.einsum("bcd,bd->bc", emb[safe], qemb[rows])
+            sim = query_sims.get(space)
+            if sim is None:
+                sim = np.matmul(self.embeddings[space][0][safe], qemb[rows][:, :, None])[..., 0]
             put(f"query_{space}_sim", np.where(has_query[:, None], sim, 0.0), "query")
         if self.tokens is not None and has_query.any():
             ov = self.tokens.overlap(self.requests.query[rows])
@@ -243,7 +266,9 @@ class PartFeatures:
         for name, (value, family) in (extra or {}).items():
             put(name, value, family)
         names = list(cols)
-        x = np.empty((b * c, len(names)), dtype=np.float32)
+        # filled feature-major (each column one contiguous, broadcasting write), then one
+        # transposing copy: a row-major fill writes every column with a stride
+        xt = np.empty((len(names), b, c), dtype=np.float32)
         for j, name in enumerate(names):
-            x[:, j] = cols[name].reshape(-1)
-        return x, names, fam
+            xt[j] = cols[name]
+        return np.ascontiguousarray(xt.reshape(len(names), b * c).T), names, fam

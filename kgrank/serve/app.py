@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 import kgrank
+from kgrank.serve.batching import MicroBatcher
 from kgrank.serve.schemas import (
     MAX_K,
     HealthOut,
@@ -26,7 +27,7 @@ from kgrank.serve.schemas import (
     SearchOut,
     SimilarOut,
 )
-from kgrank.serve.searcher import Context, Filters, Hit, Searcher
+from kgrank.serve.searcher import Context, Filters, Hit, SearchArgs, Searcher, SearchResult
 
 
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -51,14 +52,19 @@ def _unprocessable(field: str, msg: str) -> HTTPException:
                                        "type": "value_error"}])
 
 
-def create_app(searcher: Searcher) -> FastAPI:
-    """The API over one :class:`Searcher`. Requests run concurrently (FastAPI's thread pool):
-    the searcher's per-part state is read-only after start-up and its query caches lock
-    themselves; the numeric kernels (numpy, onnxruntime, LightGBM) release the GIL. To use
-    several cores, run several worker processes (:func:`serve` with ``workers``)."""
+def create_app(searcher: Searcher, max_batch: int = 8, max_wait_ms: float = 2.0) -> FastAPI:
+    """The API over one :class:`Searcher`. ``/search`` requests are ranked one batch at a time
+    on one thread (:class:`~kgrank.serve.batching.MicroBatcher`: the requests that queued
+    while the previous batch ran, at most ``max_batch``, after waiting up to ``max_wait_ms``
+    for the batch to fill; one core's worth of ranking per process); the other endpoints run in FastAPI's thread pool (the searcher's per-part state
+    is read-only after start-up and its query caches lock themselves). To use several cores,
+    run several worker processes (:func:`serve` with ``workers``)."""
     app = FastAPI(title="kgrank", version=kgrank.__version__,
                   description="Knowledge-graph-augmented multimodal search and recommendation.")
     manifest = searcher.export.manifest
+    batcher: MicroBatcher[SearchArgs, SearchResult] = MicroBatcher(searcher.search_many,
+                                                                    max_batch, max_wait_ms)
+    app.state.batcher = batcher
     devices, locations = set(searcher.devices), set(searcher.locations)
 
     @app.exception_handler(RequestValidationError)
@@ -93,9 +99,6 @@ def create_app(searcher: Searcher) -> FastAPI:
 
     @app.post("/search", response_model=SearchOut)
     async def search(body: SearchIn) -> SearchOut:
-        # async and blocking on purpose: a worker process ranks one request at a time (~20 ms
-        # of CPU) instead of taking more into its thread pool while another worker idles
-        # (measured, demo export, 2 workers: open-loop p99 at 60 req/s 214 -> 130 ms)
         ctx = body.context
         if ctx is not None and ctx.device is not None and ctx.device not in devices:
             raise _unprocessable("context.device", f"unknown device {ctx.device!r}; known: "
@@ -110,11 +113,13 @@ def create_app(searcher: Searcher) -> FastAPI:
         context = Context() if ctx is None else Context(
             None if ctx.time is None else int(ctx.time.timestamp()), ctx.device, ctx.location)
         filters = None if f is None else Filters(f.category, f.brand, f.min_price, f.max_price)
-        res = searcher.search(body.user_id, body.query, context, body.k, filters, body.explain,
-                              body.explain_method)
+        # ranked on the batcher's one thread, with the requests that queued meanwhile
+        res = await batcher.submit(SearchArgs(body.user_id, body.query, context, body.k,
+                                              filters, body.explain, body.explain_method))
         return SearchOut(results=[hit_out(h) for h in res.hits], user_known=res.user_known,
                          cold_start=not res.user_known, n_candidates=res.n_candidates,
-                         timings_ms={k: round(v * 1000, 3) for k, v in res.timings.items()})
+                         timings_ms={k: round(v * 1000, 3) for k, v in res.timings.items()},
+                         batch_size=res.batch_size)
 
     @app.get("/items/{item_id}/similar", response_model=SimilarOut)
     def similar(item_id: str, k: int = Query(10, ge=1, le=MAX_K)) -> SimilarOut:
@@ -157,14 +162,16 @@ def _worker_app() -> FastAPI:
 
     args = json.loads(os.environ[_WORKER_ENV])
     return create_app(Searcher(load(Path(args["export_dir"])), candidates=args["candidates"],
-                               threads=args["threads"]))
+                               threads=args["threads"]), args["max_batch"], args["max_wait_ms"])
 
 
 def serve(export_dir: Path, host: str = "127.0.0.1", port: int = 8000,
-          candidates: int | None = None, threads: int = 1, workers: int = 1) -> None:
+          candidates: int | None = None, threads: int = 1, workers: int = 1,
+          max_batch: int = 8, max_wait_ms: float = 2.0) -> None:
     """Load the export and serve it with uvicorn until interrupted. ``workers`` > 1 starts that
     many worker processes on the one port, each with its own :class:`Searcher` (memory and
-    start-up time times ``workers``; throughput scales with the cores)."""
+    start-up time times ``workers``; throughput scales with the cores); ``max_batch`` and
+    ``max_wait_ms``: see :func:`create_app`."""
     import uvicorn
 
     from kgrank.export.loader import load
@@ -172,11 +179,13 @@ def serve(export_dir: Path, host: str = "127.0.0.1", port: int = 8000,
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if workers == 1:
-        app = create_app(Searcher(load(export_dir), candidates=candidates, threads=threads))
+        app = create_app(Searcher(load(export_dir), candidates=candidates, threads=threads),
+                         max_batch, max_wait_ms)
         uvicorn.run(app, host=host, port=port, log_level="warning")
         return
     load(export_dir)  # fail here, once, on a bad export (not in every worker)
     os.environ[_WORKER_ENV] = json.dumps({"export_dir": str(Path(export_dir).resolve()),
-                                          "candidates": candidates, "threads": threads})
+                                          "candidates": candidates, "threads": threads,
+                                          "max_batch": max_batch, "max_wait_ms": max_wait_ms})
     uvicorn.run("kgrank.serve.app:_worker_app", factory=True, host=host, port=port,
                 workers=workers, log_level="warning")

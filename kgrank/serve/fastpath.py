@@ -27,7 +27,7 @@ from kgrank.features.requests import Requests, to_seconds
 from kgrank.fusion.inputs import EventIndex
 from kgrank.ranking.candidates import generate_candidates
 from kgrank.ranking.stage import RankingStage, _encode_queries, _PartData
-from kgrank.ranking.table import PartFeatures
+from kgrank.ranking.table import PartFeatures, present_rows
 
 
 class FastPart:
@@ -51,6 +51,7 @@ class FastPart:
                           for name in stage.inputs.baselines]
         self.embeddings = stage._embeddings(part)
         self.clusters = stage._clusters(part, self.embeddings)
+        self.present = {name: present_rows(emb) for name, (emb, _) in self.embeddings.items()}
         self.graph = []
         for name, res in stage.inputs.graph.items():
             u, i = res.embeddings(part)
@@ -80,33 +81,44 @@ class FastPart:
 
     # ---------------------------------------------------------------------------- per request
 
-    def _history(self, user: int, t: int) -> RequestHistory:
-        """:func:`kgrank.features.history.request_history` of one request."""
-        if user < 0:
+    def _history(self, users: np.ndarray, times: np.ndarray) -> RequestHistory:
+        """:func:`kgrank.features.history.request_history` of the requests."""
+        rows, idx, g = [], [], []
+        for r, (user, t) in enumerate(zip(users.tolist(), times.tolist(), strict=True)):
+            if user < 0:
+                continue
+            lo = int(np.searchsorted(self.h_user, user, side="left"))
+            hi = int(np.searchsorted(self.h_user, user, side="right"))
+            end = lo + int(np.searchsorted(self.h_ts[lo:hi], t, side="right"))
+            if end == lo:
+                continue
+            at = np.arange(lo, end, dtype=np.int64)
+            rows.append(np.full(len(at), r, np.int64))
+            idx.append(at)
+            g.append(self.ordinal[end - 1] - self.ordinal[at])
+        if not idx:
             z = np.zeros(0, np.int64)
-            return RequestHistory(z, z, z, z, 1)
-        lo = int(np.searchsorted(self.h_user, user, side="left"))
-        hi = int(np.searchsorted(self.h_user, user, side="right"))
-        end = lo + int(np.searchsorted(self.h_ts[lo:hi], t, side="right"))
-        idx = np.arange(lo, end, dtype=np.int64)
-        n_groups = self.ordinal[end - 1] + 1 if end > lo else 0
-        g = n_groups - 1 - self.ordinal[idx]
-        return RequestHistory(np.zeros(len(idx), np.int64), self.h_item[idx], self.h_ts[idx],
-                              g.astype(np.int64), 1)
+            return RequestHistory(z, z, z, z, len(users))
+        at = np.concatenate(idx)
+        return RequestHistory(np.concatenate(rows), self.h_item[at], self.h_ts[at],
+                              np.concatenate(g).astype(np.int64), len(users))
 
-    def _exclude(self, user: int) -> tuple[np.ndarray, np.ndarray]:
-        if user < 0:
-            return np.zeros(2, np.int64), np.zeros(0, np.int64)
-        lo = int(np.searchsorted(self.u_sorted, user, side="left"))
-        hi = int(np.searchsorted(self.u_sorted, user, side="right"))
-        return np.array([0, hi - lo], np.int64), self.u_items[lo:hi]
+    def _exclude(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each request's history items (CSR), as ``user_items_csr`` gives them."""
+        offsets, items = [0], []
+        for user in users.tolist():
+            lo = hi = 0
+            if user >= 0:
+                lo = int(np.searchsorted(self.u_sorted, user, side="left"))
+                hi = int(np.searchsorted(self.u_sorted, user, side="right"))
+            items.append(self.u_items[lo:hi])
+            offsets.append(offsets[-1] + hi - lo)
+        return np.asarray(offsets, np.int64), np.concatenate(items)
 
     def build(self, requests: Requests) -> _PartData:
-        """What ``stage.build_part(part, requests)`` returns for one request."""
-        if len(requests) != 1:
-            raise ValueError(f"FastPart.build takes one request, got {len(requests)}")
+        """What ``stage.build_part(part, requests)`` returns for these requests."""
         stage, rc, inputs = self.stage, self.stage.rc, self.stage.inputs
-        user = int(requests.user_idx[0])
+        users = np.asarray(requests.user_idx, np.int64)
         emb = self.embeddings
         query_emb: dict[str, np.ndarray] = {}
         if inputs.encode_query_text is not None and "text" in emb:
@@ -115,19 +127,21 @@ class FastPart:
         if inputs.encode_query_image is not None and "image" in emb:
             query_emb["image"] = _encode_queries(inputs.encode_query_image, requests.query,
                                                  emb["image"][0].shape[1])
-        feats = PartFeatures(requests, self._history(user, int(requests.timestamp[0])),
+        feats = PartFeatures(requests, self._history(users, np.asarray(requests.timestamp)),
                              self.n_items, emb, query_emb, stage.tokens, stage.vocab,
                              stage.demographics, self.behaviour, self.families, rc.half_life,
-                             rc.history_len, self.clusters)
-        users = np.maximum(requests.user_idx, 0)
-        graph = [(name, u[torch.from_numpy(users)], item_t) for name, u, item_t in self.graph]
+                             rc.history_len, self.clusters, self.present)
+        known = torch.from_numpy(np.maximum(users, 0))
+        graph = [(name, u[known], item_t) for name, u, item_t in self.graph]
         fusion = []
         if inputs.fusion is not None and self.fusion_t is not None:
-            uvec = torch.from_numpy(np.asarray(
-                inputs.fusion.vectors_at(requests, self.events), np.float32))
+            uvec = torch.from_numpy(np.concatenate([
+                np.asarray(inputs.fusion.vectors_at(requests.take(np.array([r])), self.events),
+                           np.float32) for r in range(len(requests))]))
             fusion.append(("fusion", uvec, self.fusion_t))
-        sources, extra = stage.sources(requests.user_idx, feats, self.baselines, graph, fusion)
-        cands = generate_candidates(sources, np.arange(1), self._exclude(user), rc.candidates,
+        sources, extra = stage.sources(users, feats, self.baselines, graph, fusion)
+        cands = generate_candidates(sources, np.arange(len(requests)), self._exclude(users),
+                                    rc.candidates,
                                     batch_size=stage.cfg.eval.batch_size, progress=False,
                                     extra=extra)
         return _PartData(self.part, requests, feats, cands, self._no_user)

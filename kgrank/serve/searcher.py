@@ -49,6 +49,7 @@ from kgrank.fusion.inputs import EventIndex, QueryCache, RequestFeatures, reques
 from kgrank.ranking.ltr import BIAS, top_reasons
 from kgrank.ranking.paths import PathExplainer
 from kgrank.ranking.stage import FULL, RankingInputs, RankingStage
+from kgrank.serve.compiled import CompiledTrees, compile_booster
 from kgrank.serve.fastpath import FastPart
 
 log = logging.getLogger("kgrank")
@@ -270,6 +271,20 @@ class Filters:
 
 
 @dataclass
+class SearchArgs:
+    """The arguments of one :meth:`Searcher.search` call (a batch of them goes to
+    :meth:`Searcher.search_many`)."""
+
+    user_id: str | None = None
+    query: str | None = None
+    context: Context = field(default_factory=Context)
+    k: int = 10
+    filters: Filters | None = None
+    explain: bool = True
+    method: ExplainMethod = "path"
+
+
+@dataclass
 class Hit:
     item_id: str
     score: float
@@ -288,7 +303,9 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per step: query_embed, candidates (source scores + top-N union), features (the
     LTR table), ltr (LightGBM predict + ordering), explain (per-family path attributions or
-    TreeSHAP of the hits)."""
+    TreeSHAP of the hits). Every step but explain is the whole batch's."""
+    batch_size: int = 1
+    """Requests ranked together with this one (:meth:`Searcher.search_many`)."""
 
 
 def _baselines(export: Export, cfg: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
@@ -307,12 +324,14 @@ class Searcher:
     ``text_encoder``: use this encoder instead of building the run's; ``pin_queries``: serve the
     queries the run's fusion stage encoded (the export's ``fusion/queries.safetensors``) from
     that table instead of encoding them per request, and likewise for the image model's text
-    tower (the export's ``encoders/image/queries.safetensors``).
+    tower (the export's ``encoders/image/queries.safetensors``); ``compiled``: predict with the
+    LightGBM trees compiled to native code (:mod:`kgrank.serve.compiled`; LightGBM when lleaves
+    is unavailable).
     """
 
     def __init__(self, export: Export, candidates: int | None = None, threads: int = 1,
                  query_cache: int = 4096, text_encoder: Any | None = None,
-                 pin_queries: bool = True) -> None:
+                 pin_queries: bool = True, compiled: bool = True) -> None:
         t0 = time.perf_counter()
         torch.set_num_threads(threads)
         # numpy's OpenBLAS and the OpenMP runtimes default to every core; concurrent requests
@@ -392,6 +411,10 @@ class Searcher:
         booster = self.ltr.booster
         assert booster is not None
         self.paths = PathExplainer(booster, self._family_matrix, self.ltr.best_iteration)
+        self.compiled: CompiledTrees | None = None
+        if compiled:  # the trees the model predicts with, compiled (LightGBM stays the fallback)
+            self.compiled = compile_booster(
+                booster.model_to_string(num_iteration=self.ltr.best_iteration))
         self.fast: FastPart | None = None
         self.warm()  # the stage's own path fits and keeps the part's history models
         self.fast = FastPart(self.stage, PART)
@@ -417,12 +440,23 @@ class Searcher:
     # ----------------------------------------------------------------------------------- search
 
     def requests(self, user_id: str | None, query: str | None, ctx: Context) -> Requests:
-        user = -1 if user_id is None else self.user_row.get(user_id, -1)
-        t = self.t_end if ctx.time is None else int(ctx.time)
-        query = query.strip() if isinstance(query, str) and query.strip() else None
-        return Requests(np.array([user], np.int64), np.array([t], np.int64),
-                        np.array([ctx.device], object), np.array([ctx.location], object),
-                        np.array([query], object))
+        return self.requests_of([SearchArgs(user_id, query, ctx)])
+
+    def requests_of(self, batch: Sequence[SearchArgs]) -> Requests:
+        """One :class:`Requests` row per search (unknown user ids are cold starts)."""
+        users = [-1 if a.user_id is None else self.user_row.get(a.user_id, -1) for a in batch]
+        times = [self.t_end if a.context.time is None else int(a.context.time) for a in batch]
+        queries = [a.query.strip() if isinstance(a.query, str) and a.query.strip() else None
+                   for a in batch]
+
+        def objects(values: list[Any]) -> np.ndarray:
+            out = np.empty(len(values), object)
+            out[:] = values
+            return out
+
+        return Requests(np.array(users, np.int64), np.array(times, np.int64),
+                        objects([a.context.device for a in batch]),
+                        objects([a.context.location for a in batch]), objects(queries))
 
     def _keep(self, items: np.ndarray, flt: Filters | None) -> np.ndarray:
         keep = np.ones(len(items), bool)
@@ -453,41 +487,67 @@ class Searcher:
         """Rank the candidates of one request; the top ``k`` with explanations (``method``
         "path": path attributions, :mod:`kgrank.ranking.paths`; "shap": TreeSHAP, as the run's
         ``explanations.json``; both per family and summing to the score)."""
-        timings: dict[str, float] = {}
+        return self.search_many([SearchArgs(user_id, query, ctx, k, filters, explain,
+                                            method)])[0]
+
+    def search_many(self, batch: Sequence[SearchArgs]) -> list[SearchResult]:
+        """:meth:`search` of several requests at once: one candidate generation, one feature
+        table and one LightGBM call for all of them, which spreads the per-call overhead of
+        the request path (the server batches the requests that queue up while it is busy,
+        :mod:`kgrank.serve.batching`). Each result is what :meth:`search` gives for its request
+        alone, up to float rounding in the batched products (tested). Timings are the batch's
+        (every request of a batch waits for all of it)."""
+        if not batch:
+            return []
         encoders = [e for e in (self.query_text, self.query_image) if e is not None]
         enc0 = sum(e.thread_seconds() for e in encoders)
         t0 = time.perf_counter()
-        req = self.requests(user_id, query, ctx)
+        req = self.requests_of(batch)
         data = self.stage.build_part(PART, req) if self.fast is None else self.fast.build(req)
         t1 = time.perf_counter()
-        timings["query_embed"] = sum(e.thread_seconds() for e in encoders) - enc0
-        timings["candidates"] = t1 - t0 - timings["query_embed"]
-        x, names, _, _cells, items = self.stage.table(data, np.array([0]))
+        query_s = sum(e.thread_seconds() for e in encoders) - enc0
+        rows = np.arange(len(batch))
+        x, names, _, cells, items = self.stage.table(data, rows)
         x = x[:, self.feature_columns(names)]
         t2 = time.perf_counter()
-        timings["features"] = t2 - t1
         pred = self.predict(x)
-        keep = self._keep(items, filters)
-        ranked = np.argsort(-pred, kind="stable")
-        order = [int(j) for j in (ranked if filters is None else ranked[keep[ranked]])[:k]]
-        hits: list[Hit] = []
+        bounds = np.searchsorted(cells[:, 0], np.arange(len(batch) + 1))  # cells are row-major
+        orders: list[list[int]] = []
+        for r, a in enumerate(batch):
+            lo, hi = int(bounds[r]), int(bounds[r + 1])
+            keep = self._keep(items[lo:hi], a.filters)
+            ranked = np.argsort(-pred[lo:hi], kind="stable")
+            top = (ranked if a.filters is None else ranked[keep[ranked]])[: a.k]
+            orders.append([lo + int(j) for j in top])
         t3 = time.perf_counter()
-        timings["ltr"] = t3 - t2
-        if order:
-            contrib, fams = (self.explain(x[order], method) if explain
-                             else (np.zeros((len(order), 0)), []))
-            for r, j in enumerate(order):
-                i = int(items[j])
-                why = {f: round(float(v), 4) for f, v in zip(fams, contrib[r], strict=True)}
-                hits.append(Hit(self.item_ids[i], float(pred[j]), self.titles[i],
-                                self.images[i], _num(self.prices[i]), why,
-                                top_reasons(contrib[r], fams) if explain else []))
-        timings["explain"] = time.perf_counter() - t3
-        return SearchResult(hits, bool(req.user_idx[0] >= 0), int(len(items)), timings)
+        timings = {"query_embed": query_s, "candidates": t1 - t0 - query_s, "features": t2 - t1,
+                   "ltr": t3 - t2}
+        out = []
+        for r, (a, order) in enumerate(zip(batch, orders, strict=True)):
+            t4 = time.perf_counter()
+            hits: list[Hit] = []
+            if order:
+                contrib, fams = (self.explain(x[order], a.method) if a.explain
+                                 else (np.zeros((len(order), 0)), []))
+                for i_hit, j in enumerate(order):
+                    i = int(items[j])
+                    row = contrib[i_hit]
+                    why = {f: round(float(v), 4) for f, v in zip(fams, row, strict=True)}
+                    hits.append(Hit(self.item_ids[i], float(pred[j]), self.titles[i],
+                                    self.images[i], _num(self.prices[i]), why,
+                                    top_reasons(row, fams) if a.explain else []))
+            out.append(SearchResult(hits, bool(req.user_idx[r] >= 0),
+                                    int(bounds[r + 1] - bounds[r]),
+                                    {**timings, "explain": time.perf_counter() - t4},
+                                    len(batch)))
+        return out
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """``self.ltr.predict(x)`` on ``self.threads`` LightGBM threads (its default is every
-        core, which concurrent requests would oversubscribe)."""
+        """``self.ltr.predict(x)`` on ``self.threads`` threads (LightGBM's default is every
+        core, which concurrent requests would oversubscribe); by the compiled trees when there
+        are (equal to ~1e-12)."""
+        if self.compiled is not None:
+            return self.compiled.predict(x, self.threads)
         booster = self.ltr.booster
         assert booster is not None
         return np.asarray(booster.predict(x, num_iteration=self.ltr.best_iteration,

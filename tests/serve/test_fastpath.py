@@ -4,7 +4,9 @@ model's scores and explanations; concurrent searches give the sequential answers
 
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,8 @@ import pytest
 from kgrank.export import load
 from kgrank.features.requests import Requests, requests_for_targets
 from kgrank.fusion.inputs import EventIndex
-from kgrank.serve.searcher import PART, Context, Searcher, user_index
+from kgrank.serve.compiled import compile_booster
+from kgrank.serve.searcher import PART, Context, Filters, SearchArgs, Searcher, user_index
 from tests.export.tiny import TinyExport, tiny_export
 
 
@@ -82,12 +85,94 @@ def test_search_ranks_as_through_the_stage(searcher: Searcher) -> None:
         assert a.n_candidates == b.n_candidates
 
 
+def _concat(requests: list[Requests]) -> Requests:
+    return Requests(*(np.concatenate([getattr(r, f) for r in requests])
+                      for f in ("user_idx", "timestamp", "device", "location", "query")))
+
+
+def test_fast_path_of_a_batch_equals_the_stage_path(searcher: Searcher) -> None:
+    assert searcher.fast is not None
+    requests, seen = [], set()
+    for r in _requests(searcher, 14):  # the stage path takes one request per user
+        if int(r.user_idx[0]) not in seen:
+            seen.add(int(r.user_idx[0]))
+            requests.append(r)
+    batch = _concat(requests)
+    assert len(batch) >= 8 and (batch.user_idx < 0).sum() == 1
+    ref = searcher.stage.build_part(PART, batch)
+    got = searcher.fast.build(batch)
+    assert np.array_equal(ref.candidates.items, got.candidates.items)
+    for name in ref.candidates.scores:
+        assert np.array_equal(ref.candidates.scores[name], got.candidates.scores[name],
+                              equal_nan=True), name
+    rows = np.arange(len(batch))
+    xa, na, _, ca, ia = searcher.stage.table(ref, rows)
+    xb, nb, _, cb, ib = searcher.stage.table(got, rows)
+    assert na == nb and np.array_equal(ia, ib) and np.array_equal(ca, cb)
+    assert np.array_equal(xa, xb, equal_nan=True)
+
+
+def test_search_many_answers_as_one_search_per_request(searcher: Searcher) -> None:
+    users = [*list(searcher.user_row)[:7], "nobody-ever"]
+    queries = [None, "shoes", "red linen shirt", None, "blue cotton"]
+    batch = [SearchArgs(users[i % len(users)], queries[i % len(queries)],
+                        Context(device=searcher.devices[i % len(searcher.devices)]), k=4 + i,
+                        filters=Filters(min_price=1.0) if i == 3 else None,
+                        explain=i != 2)
+             for i in range(11)]
+    together = searcher.search_many(batch)
+    assert [r.batch_size for r in together] == [11] * 11
+    for a, res in zip(batch, together, strict=True):
+        alone = searcher.search_many([a])[0]
+        assert alone.batch_size == 1
+        assert [h.item_id for h in res.hits] == [h.item_id for h in alone.hits]
+        assert np.allclose([h.score for h in res.hits], [h.score for h in alone.hits],
+                           rtol=0, atol=1e-9)
+        assert [h.reasons for h in res.hits] == [h.reasons for h in alone.hits]
+        assert res.user_known == alone.user_known and res.n_candidates == alone.n_candidates
+        assert len(res.hits) <= a.k
+
+
+def test_compiled_trees_predict_as_lightgbm(searcher: Searcher) -> None:
+    assert searcher.compiled is not None  # lleaves is a dependency
+    data = searcher.fast.build(_concat(_requests(searcher, 6))) if searcher.fast else None
+    assert data is not None
+    x, names, *_ = searcher.stage.table(data, np.arange(6))
+    x = x[:, searcher.feature_columns(names)]
+    want = searcher.ltr.predict(x)
+    got = searcher.predict(x)
+    assert np.allclose(got, want, rtol=0, atol=1e-9)
+    assert np.argsort(-got, kind="stable").tolist() == np.argsort(-want, kind="stable").tolist()
+
+
+def test_compiled_trees_are_cached_and_optional(tmp_path: Path, searcher: Searcher,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    booster = searcher.ltr.booster
+    text = booster.model_to_string(num_iteration=searcher.ltr.best_iteration)
+    first = compile_booster(text, tmp_path)
+    assert first is not None
+    cached = list((tmp_path / "lleaves").glob("*.o"))
+    assert len(cached) == 1
+    again = compile_booster(text, tmp_path)  # loads the object file
+    assert again is not None and list((tmp_path / "lleaves").glob("*.o")) == cached
+    x = np.random.default_rng(0).normal(size=(50, first.n_features))
+    assert np.array_equal(first.predict(x), again.predict(x))
+    with pytest.raises(ValueError, match="features"):
+        first.predict(x[:, :3])
+    monkeypatch.setitem(sys.modules, "lleaves", None)  # not installed: LightGBM is kept
+    assert compile_booster(text, tmp_path) is None
+
+
 def test_single_thread_lightgbm_matches_the_model(searcher: Searcher) -> None:
     data = searcher.fast.build(_requests(searcher, 1)[0]) if searcher.fast else None
     assert data is not None
     x, names, *_ = searcher.stage.table(data, np.array([0]))
     x = x[:, searcher.feature_columns(names)]
-    assert np.array_equal(searcher.predict(x), searcher.ltr.predict(x))
+    compiled, searcher.compiled = searcher.compiled, None
+    try:
+        assert np.array_equal(searcher.predict(x), searcher.ltr.predict(x))
+    finally:
+        searcher.compiled = compiled
     got, fams = searcher.explain(x[:5])
     want, want_fams = searcher.ltr.explain(x[:5])
     assert fams == want_fams and np.array_equal(got, want)

@@ -4,6 +4,7 @@ OpenAPI, and a corpus of bad requests that get 4xx with a clear message."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -160,3 +161,24 @@ def test_both_explanation_methods_sum_to_the_score(client: TestClient, searcher:
         assert sum(a["why"].values()) == pytest.approx(a["score"], abs=1e-3)
         assert sum(b["why"].values()) == pytest.approx(b["score"], abs=1e-3)
         assert set(a["why"]) == set(b["why"])
+
+
+def test_concurrent_requests_are_batched_and_answered_as_alone(searcher: Searcher) -> None:
+    users = list(searcher.user_row)[:6] + ["nobody-ever"]
+    bodies = [{"user_id": users[i % len(users)], "k": 3 + i % 4,
+               **({"query": ["shoes", "red linen shirt"][i % 2]} if i % 3 else {})}
+              for i in range(24)]
+    # a long wait makes the batches fill: 8 clients at a time
+    with TestClient(create_app(searcher, max_batch=8, max_wait_ms=50)) as c:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda b: c.post("/search", json=b), bodies))
+        batcher = c.app.state.batcher  # type: ignore[attr-defined]
+        assert batcher.items == len(bodies) and batcher.batches < len(bodies)
+    assert all(a.status_code == 200 for a in answers)
+    assert max(a.json()["batch_size"] for a in answers) > 1
+    for body, answer in zip(bodies, answers, strict=True):
+        alone = searcher.search(body["user_id"], body.get("query"), Context(), k=body["k"])
+        got = answer.json()["results"]
+        assert [h["item_id"] for h in got] == [h.item_id for h in alone.hits]
+        assert [h["score"] for h in got] == pytest.approx([h.score for h in alone.hits],
+                                                          abs=1e-9)

@@ -1,0 +1,88 @@
+"""MicroBatcher: requests that queue while a batch runs are ranked together, each caller gets
+its own answer, and one bad request fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from kgrank.serve.batching import MicroBatcher
+
+
+class Recorder:
+    """A batch function that squares its items, records each batch and takes ``seconds``."""
+
+    def __init__(self, seconds: float = 0.02, bad: int | None = None) -> None:
+        self.seconds, self.bad = seconds, bad
+        self.batches: list[list[int]] = []
+        self.threads: set[str] = set()
+
+    def __call__(self, items: Sequence[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.seconds)
+        if self.bad is not None and self.bad in items:
+            raise ValueError(f"bad item {self.bad}")
+        return [i * i for i in items]
+
+
+async def _gather(batcher: MicroBatcher[int, int], items: list[int]) -> list[object]:
+    return await asyncio.gather(*(batcher.submit(i) for i in items), return_exceptions=True)
+
+
+def test_queued_requests_are_batched_and_answered_in_place() -> None:
+    fn = Recorder()
+    batcher = MicroBatcher(fn, max_batch=4)
+    out = asyncio.run(_gather(batcher, list(range(10))))
+    assert out == [i * i for i in range(10)]
+    # all ten queued before the first batch started: batches of <= 4, in arrival order
+    assert fn.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert batcher.batches == 3 and batcher.items == 10
+    assert len(fn.threads) == 1  # batches run one at a time, on the batcher's thread
+    batcher.close()
+
+
+def test_max_wait_lets_a_batch_fill() -> None:
+    fn = Recorder(seconds=0.0)
+    batcher = MicroBatcher(fn, max_batch=8, max_wait_ms=200)
+
+    async def staggered() -> list[int]:
+        async def later(i: int) -> int:
+            await asyncio.sleep(0.01 * i)
+            return await batcher.submit(i)
+        return list(await asyncio.gather(*(later(i) for i in range(5))))
+
+    assert asyncio.run(staggered()) == [0, 1, 4, 9, 16]
+    assert fn.batches == [[0, 1, 2, 3, 4]]  # waited for the later arrivals
+    batcher.close()
+    # without a wait, the first request goes alone
+    fn2 = Recorder(seconds=0.0)
+    batcher2 = MicroBatcher(fn2, max_batch=8, max_wait_ms=0)
+    asyncio.run(_gather(batcher2, [1]))
+    assert fn2.batches == [[1]]
+    batcher2.close()
+
+
+def test_a_failing_request_fails_alone() -> None:
+    fn = Recorder(bad=5)
+    batcher = MicroBatcher(fn, max_batch=8)
+    out = asyncio.run(_gather(batcher, list(range(8))))
+    assert isinstance(out[5], ValueError)
+    assert [o for i, o in enumerate(out) if i != 5] == [i * i for i in range(8) if i != 5]
+    # the failed batch was re-run item by item
+    assert [5] in fn.batches and any(len(b) > 1 and 5 in b for b in fn.batches)
+    batcher.close()
+
+
+def test_max_batch_one_ranks_one_at_a_time() -> None:
+    fn = Recorder(seconds=0.001)
+    batcher = MicroBatcher(fn, max_batch=1)
+    assert asyncio.run(_gather(batcher, [3, 1, 2])) == [9, 1, 4]
+    assert fn.batches == [[3], [1], [2]]
+    batcher.close()
+    with pytest.raises(ValueError, match="max_batch"):
+        MicroBatcher(fn, max_batch=0)

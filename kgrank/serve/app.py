@@ -53,12 +53,15 @@ def _unprocessable(field: str, msg: str) -> HTTPException:
 
 
 def create_app(searcher: Searcher, max_batch: int = 8, max_wait_ms: float = 2.0) -> FastAPI:
-    """The API over one :class:`Searcher`. ``/search`` requests are ranked one batch at a time
-    on one thread (:class:`~kgrank.serve.batching.MicroBatcher`: the requests that queued
-    while the previous batch ran, at most ``max_batch``, after waiting up to ``max_wait_ms``
-    for the batch to fill; one core's worth of ranking per process); the other endpoints run in FastAPI's thread pool (the searcher's per-part state
-    is read-only after start-up and its query caches lock themselves). To use several cores,
-    run several worker processes (:func:`serve` with ``workers``)."""
+    """The API over one :class:`Searcher`.
+
+    ``/search`` requests are ranked one batch at a time on one thread
+    (:class:`~kgrank.serve.batching.MicroBatcher`: the requests that queued while the previous
+    batch ran, at most ``max_batch``, after waiting up to ``max_wait_ms`` for the batch to
+    fill; one core's worth of ranking per process). The other endpoints run in FastAPI's
+    thread pool (the searcher's per-part state is read-only after start-up and its query
+    caches lock themselves). To use several cores, run several worker processes
+    (:func:`serve` with ``workers``)."""
     app = FastAPI(title="kgrank", version=kgrank.__version__,
                   description="Knowledge-graph-augmented multimodal search and recommendation.")
     manifest = searcher.export.manifest

@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "run's ranking.candidates)")
     srv.add_argument("--threads", type=int, default=1, help="torch / onnxruntime / LightGBM "
                      "threads per worker")
-    srv.add_argument("--workers", type=int, default=1, help="uvicorn worker processes on the "
-                     "port, each with its own searcher (one per core serves requests in parallel)")
+    srv.add_argument("--workers", type=int, default=1, help="rankers: the HTTP process's own "
+                     "searcher plus workers - 1 ranking processes, each with its own searcher "
+                     "(one per core), fed from one queue")
     srv.add_argument("--max-batch", type=int, default=8, help="most /search requests a worker "
                      "ranks in one batch (those that queued while it was busy; 1: no batching)")
     srv.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a worker waits "

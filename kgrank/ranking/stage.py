@@ -319,7 +319,9 @@ class RankingStage:
             else:
                 extra[name] = dot(user, item_t)
         for name in ("text", "image"):
-            if name in feats.embeddings:
+            # proposing sources only: as a feature, the score is already the table's
+            # <name>_profile_sim (a full-catalogue product per request saved)
+            if name in feats.embeddings and name in wanted:
                 add(name, profile(name), name)
         if "text" in feats.query_emb:
             add("query", feats.query_scores, "query")

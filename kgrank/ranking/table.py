@@ -6,8 +6,10 @@ Columns and their families (the families are what explanations and ablations are
 column                    family     meaning
 ========================  =========  =========================================================
 ``score_<s>``             by source  candidate source ``s``'s score (fusion, kg, lightgcn,
-``rank_<s>``                         transition, itemknn, popularity, text, query); rank is
-                                     the 0-based rank in ``s``'s top-N (N when absent)
+``rank_<s>``                         transition, itemknn, popularity, query; text / image
+                                     when they propose candidates, else their score is
+                                     ``<m>_profile_sim``); rank is the 0-based rank in
+                                     ``s``'s top-N (N when absent)
 ``<m>_profile_sim``       m          cos(recency-weighted history profile, item) in modality
 ``<m>_last_sim``          m          cos(mean of the latest timestamp group, item)
                                      (m = text, image, graph:<model>)

@@ -7,8 +7,9 @@ and ``/docs``. Invalid requests get 422 with ``{"error": "<field>: <problem>", "
 
 from __future__ import annotations
 
-import json
-import os
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 import kgrank
-from kgrank.serve.batching import MicroBatcher
+from kgrank.serve.batching import MicroBatcher, Slot
 from kgrank.serve.schemas import (
     MAX_K,
     HealthOut,
@@ -52,21 +53,29 @@ def _unprocessable(field: str, msg: str) -> HTTPException:
                                        "type": "value_error"}])
 
 
-def create_app(searcher: Searcher, max_batch: int = 8, max_wait_ms: float = 2.0) -> FastAPI:
+def create_app(searcher: Searcher, max_batch: int = 8, max_wait_ms: float = 2.0,
+               rankers: Sequence[Slot[SearchArgs, SearchResult]] = ()) -> FastAPI:
     """The API over one :class:`Searcher`.
 
-    ``/search`` requests are ranked one batch at a time on one thread
-    (:class:`~kgrank.serve.batching.MicroBatcher`: the requests that queued while the previous
-    batch ran, at most ``max_batch``, after waiting up to ``max_wait_ms`` for the batch to
-    fill; one core's worth of ranking per process). The other endpoints run in FastAPI's
-    thread pool (the searcher's per-part state is read-only after start-up and its query
-    caches lock themselves). To use several cores, run several worker processes
-    (:func:`serve` with ``workers``)."""
-    app = FastAPI(title="kgrank", version=kgrank.__version__,
+    ``/search`` requests are ranked in batches (:class:`~kgrank.serve.batching.MicroBatcher`:
+    the requests that queued while the rankers were busy, at most ``max_batch`` a batch,
+    after waiting up to ``max_wait_ms`` for a batch to fill) by ``searcher`` on one thread of
+    this process and by the extra ``rankers`` (ranking processes,
+    :func:`kgrank.serve.rankers.ranker_slots`: one per further core). The other endpoints run
+    in FastAPI's thread pool (the searcher's per-part state is read-only after start-up and
+    its query caches lock themselves)."""
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        batcher.close()  # stops the ranking processes
+
+    app = FastAPI(title="kgrank", version=kgrank.__version__, lifespan=lifespan,
                   description="Knowledge-graph-augmented multimodal search and recommendation.")
     manifest = searcher.export.manifest
-    batcher: MicroBatcher[SearchArgs, SearchResult] = MicroBatcher(searcher.search_many,
-                                                                    max_batch, max_wait_ms)
+    local: Slot[SearchArgs, SearchResult] = (
+        ThreadPoolExecutor(1, thread_name_prefix="kgrank-rank"), searcher.search_many)
+    batcher: MicroBatcher[SearchArgs, SearchResult] = MicroBatcher(
+        max_batch=max_batch, max_wait_ms=max_wait_ms, slots=[local, *rankers])
     app.state.batcher = batcher
     devices, locations = set(searcher.devices), set(searcher.locations)
 
@@ -155,40 +164,28 @@ def create_app(searcher: Searcher, max_batch: int = 8, max_wait_ms: float = 2.0)
     return app
 
 
-_WORKER_ENV = "KGRANK_SERVE_ARGS"
-"""Environment variable through which :func:`serve` passes its arguments to worker processes."""
-
-
-def _worker_app() -> FastAPI:
-    """The app of one uvicorn worker process (factory named by :func:`serve`)."""
-    from kgrank.export.loader import load
-
-    args = json.loads(os.environ[_WORKER_ENV])
-    return create_app(Searcher(load(Path(args["export_dir"])), candidates=args["candidates"],
-                               threads=args["threads"]), args["max_batch"], args["max_wait_ms"])
-
-
 def serve(export_dir: Path, host: str = "127.0.0.1", port: int = 8000,
           candidates: int | None = None, threads: int = 1, workers: int = 1,
           max_batch: int = 8, max_wait_ms: float = 2.0) -> None:
-    """Load the export and serve it with uvicorn until interrupted. ``workers`` > 1 starts that
-    many worker processes on the one port, each with its own :class:`Searcher` (memory and
-    start-up time times ``workers``; throughput scales with the cores); ``max_batch`` and
-    ``max_wait_ms``: see :func:`create_app`."""
+    """Load the export and serve it with uvicorn until interrupted: one HTTP process whose
+    searcher ranks on a thread, plus ``workers - 1`` ranking processes (one searcher each:
+    memory times ``workers``; throughput scales with the cores). One queue feeds them all
+    (:mod:`kgrank.serve.batching`); ``max_batch`` and ``max_wait_ms``: see :func:`create_app`."""
     import uvicorn
 
     from kgrank.export.loader import load
+    from kgrank.serve.rankers import ranker_slots, wait_ready
 
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    if workers == 1:
-        app = create_app(Searcher(load(export_dir), candidates=candidates, threads=threads),
-                         max_batch, max_wait_ms)
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-        return
-    load(export_dir)  # fail here, once, on a bad export (not in every worker)
-    os.environ[_WORKER_ENV] = json.dumps({"export_dir": str(Path(export_dir).resolve()),
-                                          "candidates": candidates, "threads": threads,
-                                          "max_batch": max_batch, "max_wait_ms": max_wait_ms})
-    uvicorn.run("kgrank.serve.app:_worker_app", factory=True, host=host, port=port,
-                workers=workers, log_level="warning")
+    export = load(export_dir)  # fails here, once, on a bad export
+    rankers = ranker_slots(export_dir, workers - 1, candidates, threads)  # load meanwhile
+    try:
+        app = create_app(Searcher(export, candidates=candidates, threads=threads), max_batch,
+                         max_wait_ms, rankers)
+        wait_ready(rankers)
+    except BaseException:
+        for executor, _ in rankers:
+            executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,25 +1,31 @@
-"""Dynamic (micro-)batching of ranking requests inside one server process.
+"""Dynamic (micro-)batching of ranking requests, over one or more rankers.
 
 A request costs a fixed part (Python calls of the request path: candidate generation over every
 source, ~90 feature columns, one LightGBM call) plus a part per candidate. Ranking the requests
-that arrive while the previous batch runs in one :meth:`~kgrank.serve.searcher.Searcher.
-search_many` call pays the fixed part once per batch (demo export, 1,000 candidates: 1 request
-~11 ms, 4 requests ~29 ms). Under light load a batch is one request and nothing waits for a
-batch to fill; under load the batches grow, and so does the throughput. This is the dynamic
-batching of serving systems such as Triton and Ray Serve's ``@serve.batch``, without a
-batching timeout: a batch is what queued while the ranker was busy.
+that arrive while a ranker is busy in one :meth:`~kgrank.serve.searcher.Searcher.search_many`
+call pays the fixed part once per batch (demo export, 1,000 candidates: 1 request ~11 ms,
+4 requests ~29 ms). Under light load a batch is one request; under load the batches grow, and
+so does the throughput. This is the dynamic batching of serving systems such as Triton and Ray
+Serve's ``@serve.batch``: a batch is what queued while the rankers were busy, after an optional
+short wait for it to fill (``max_wait_ms``, Triton's max queue delay).
 
-Batches run on one thread of the process (one core's worth of ranking), so the event loop keeps
-accepting and parsing requests meanwhile. If a batch fails, its requests are run again one by
-one, so that one bad request fails alone.
+Rankers are *slots*: an executor plus the batch function to run on it (a thread of this process
+with its :class:`~kgrank.serve.searcher.Searcher`, or a process with its own, see
+:mod:`kgrank.serve.rankers`). One queue feeds every slot: a slot that frees takes its share of
+what is queued (``ceil(queued / free slots)``, at most ``max_batch``), so the load is balanced
+per request, not per connection (uvicorn's worker processes each keep the connections they
+accepted: with 8 keep-alive clients on 2 workers, a 5 / 3 split left one core short).
+
+If a batch fails, its requests are run again one by one, so that one bad request fails alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 log = logging.getLogger("kgrank")
@@ -27,24 +33,40 @@ log = logging.getLogger("kgrank")
 T = TypeVar("T")
 R = TypeVar("R")
 
+Slot = tuple[Executor, Callable[[Sequence[T]], Sequence[R]]]
+"""A ranker: the executor that runs batches (one at a time) and the batch function it runs."""
+
 
 class MicroBatcher(Generic[T, R]):
-    """``await submit(item)`` -> ``fn([..., item, ...])[its position]``, batching the items that
-    queue while ``fn`` runs (at most ``max_batch`` per call; 1: no batching), after waiting up to
-    ``max_wait_ms`` for a batch to fill (0: never wait). Use from one event loop."""
+    """``await submit(item)`` -> ``fn([..., item, ...])[its position]``.
 
-    def __init__(self, fn: Callable[[Sequence[T]], Sequence[R]], max_batch: int = 8,
-                 max_wait_ms: float = 0.0) -> None:
+    ``slots``: the rankers (default: ``fn`` on one thread of this process). Each runs one batch
+    at a time; a batch holds the items that queued while the slots were busy (at most
+    ``max_batch``; 1: no batching), taken after waiting up to ``max_wait_ms`` for it to fill
+    (0: never wait). Use from one event loop.
+    """
+
+    def __init__(self, fn: Callable[[Sequence[T]], Sequence[R]] | None = None,
+                 max_batch: int = 8, max_wait_ms: float = 0.0,
+                 slots: Sequence[Slot[T, R]] | None = None) -> None:
         if max_batch < 1 or max_wait_ms < 0:
             raise ValueError(f"max_batch must be at least 1 and max_wait_ms at least 0, got "
                              f"{max_batch} and {max_wait_ms}")
-        self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
+        if slots is None:
+            if fn is None:
+                raise ValueError("MicroBatcher needs fn or slots")
+            slots = [(ThreadPoolExecutor(1, thread_name_prefix="kgrank-rank"), fn)]
+        if not slots:
+            raise ValueError("MicroBatcher needs at least one slot")
+        self.slots = list(slots)
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._more = asyncio.Event()
+        self._free: list[int] = list(range(len(self.slots)))
+        self._freed = asyncio.Event()
         self._running = False
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="kgrank-rank")
         self.batches = 0
-        """Number of ``fn`` calls so far (the batch sizes are ``items / batches`` on average)."""
+        """Number of batches run so far (the mean batch size is ``items / batches``)."""
         self.items = 0
 
     async def submit(self, item: T) -> R:
@@ -61,21 +83,29 @@ class MicroBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         try:
             while self._queue:
+                while not self._free:  # every ranker is busy: the queue grows meanwhile
+                    self._freed.clear()
+                    await self._freed.wait()
                 await self._fill(loop)
-                batch = self._queue[: self.max_batch]
-                del self._queue[: self.max_batch]
+                slot = self._free.pop(0)
+                # this slot's share of the queue: the other free slots take the rest at once
+                n = min(self.max_batch, math.ceil(len(self._queue) / (len(self._free) + 1)))
+                batch = self._queue[:n]
+                del self._queue[:n]
                 live = [(item, fut) for item, fut in batch if not fut.done()]  # not cancelled
                 if live:
-                    await self._run(loop, live)
+                    loop.create_task(self._run_on(slot, live))
+                else:
+                    self._release(slot)
         finally:
             self._running = False
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Wait up to ``max_wait`` for the batch to fill (Triton's max queue delay, Ray Serve's
-        batch_wait_timeout_s): in a closed loop the clients just answered send their next
-        requests a moment after the next batch would otherwise have started without them."""
+        """Wait up to ``max_wait`` for the batch to fill: in a closed loop the clients just
+        answered send their next requests a moment after the next batch would otherwise have
+        started without them."""
         deadline = loop.time() + self.max_wait
-        while len(self._queue) < self.max_batch:
+        while len(self._queue) < self.max_batch * len(self._free):
             left = deadline - loop.time()
             if left <= 0:
                 return
@@ -85,13 +115,24 @@ class MicroBatcher(Generic[T, R]):
             except asyncio.TimeoutError:
                 return
 
-    async def _run(self, loop: asyncio.AbstractEventLoop,
-                   batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    def _release(self, slot: int) -> None:
+        self._free.append(slot)
+        self._freed.set()
+
+    async def _run_on(self, slot: int, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            await self._run(slot, batch)
+        finally:
+            self._release(slot)
+
+    async def _run(self, slot: int, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        executor, fn = self.slots[slot]
         items = [item for item, _ in batch]
         self.batches += 1
         self.items += len(items)
+        loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, self._call, items)
+            results = await loop.run_in_executor(executor, _call, fn, items)
         except Exception as exc:  # noqa: BLE001 - re-run one by one: only the bad one fails
             if len(batch) == 1:
                 _settle(batch[0][1], exc=exc)
@@ -99,19 +140,22 @@ class MicroBatcher(Generic[T, R]):
             log.warning("a batch of %d requests failed (%r); running them one by one",
                         len(batch), exc)
             for one in batch:
-                await self._run(loop, [one])
+                await self._run(slot, [one])
             return
         for (_, fut), res in zip(batch, results, strict=True):
             _settle(fut, res)
 
-    def _call(self, items: list[T]) -> Sequence[R]:
-        out = self.fn(items)
-        if len(out) != len(items):
-            raise RuntimeError(f"batch function returned {len(out)} results for {len(items)}")
-        return out
-
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor, _ in self.slots:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _call(fn: Callable[[Sequence[T]], Sequence[R]], items: list[T]) -> Sequence[R]:
+    """``fn(items)``, checked (module-level: process executors pickle it by name)."""
+    out = fn(items)
+    if len(out) != len(items):
+        raise RuntimeError(f"batch function returned {len(out)} results for {len(items)}")
+    return out
 
 
 def _settle(fut: asyncio.Future[R], res: R | None = None, exc: BaseException | None = None

@@ -1,0 +1,69 @@
+"""Ranking processes for :class:`~kgrank.serve.batching.MicroBatcher`.
+
+``kgrank serve --workers N`` runs one HTTP process whose own :class:`Searcher` ranks on a
+thread, plus ``N - 1`` ranking processes, each a single-process executor holding a
+:class:`Searcher` of the same export (loaded once by the executor's initializer, in a *spawned*
+process: no forked copies of torch / onnxruntime thread pools). Batches go to them as
+:class:`~kgrank.serve.searcher.SearchArgs` lists and come back as
+:class:`~kgrank.serve.searcher.SearchResult` lists (plain dataclasses; Python's
+multiprocessing pickles them between the processes, nothing is stored).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from kgrank.serve.batching import Slot
+from kgrank.serve.searcher import SearchArgs, Searcher, SearchResult
+
+_SEARCHER: Searcher | None = None
+"""This ranking process's searcher (set by :func:`_load`)."""
+
+
+def _load(export_dir: str, candidates: int | None, threads: int) -> None:
+    from kgrank.export.loader import load
+
+    global _SEARCHER
+    _SEARCHER = Searcher(load(Path(export_dir)), candidates=candidates, threads=threads)
+
+
+def _ready() -> int:
+    """Number of items of the loaded searcher (a start-up check)."""
+    assert _SEARCHER is not None
+    return len(_SEARCHER.item_ids)
+
+
+def search_many(batch: Sequence[SearchArgs]) -> list[SearchResult]:
+    """:meth:`Searcher.search_many` in a ranking process."""
+    if _SEARCHER is None:
+        raise RuntimeError("this process has no searcher (not started by ranker_slots)")
+    return _SEARCHER.search_many(batch)
+
+
+def ranker_slots(export_dir: Path, n: int, candidates: int | None = None, threads: int = 1
+                 ) -> list[Slot[SearchArgs, SearchResult]]:
+    """Start ``n`` ranking processes over ``export_dir`` (they load in the background:
+    :func:`wait_ready` blocks until they have)."""
+    ctx = multiprocessing.get_context("spawn")
+    slots: list[Slot[SearchArgs, SearchResult]] = []
+    for _ in range(n):
+        executor = ProcessPoolExecutor(1, mp_context=ctx, initializer=_load, initargs=(
+            str(Path(export_dir).resolve()), candidates, threads))
+        executor.submit(_ready)  # starts the process, which loads its searcher
+        slots.append((executor, search_many))
+    return slots
+
+
+def wait_ready(slots: Sequence[Slot[SearchArgs, SearchResult]]) -> None:
+    """Block until every ranking process has loaded its searcher; a failure to load raises here
+    (and stops them all)."""
+    try:
+        for fut in [executor.submit(_ready) for executor, _ in slots]:
+            fut.result()
+    except BaseException:
+        for executor, _ in slots:
+            executor.shutdown(wait=False, cancel_futures=True)
+        raise

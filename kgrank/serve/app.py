@@ -7,6 +7,7 @@ and ``/docs``. Invalid requests get 422 with ``{"error": "<field>: <problem>", "
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -164,6 +165,10 @@ def create_app(searcher: Searcher, max_batch: int = 8, max_wait_ms: float = 2.0,
     return app
 
 
+SWITCH_INTERVAL_S = 0.0005
+"""The serving process's GIL switch interval (Python's default is 0.005 s)."""
+
+
 def serve(export_dir: Path, host: str = "127.0.0.1", port: int = 8000,
           candidates: int | None = None, threads: int = 1, workers: int = 1,
           max_batch: int = 8, max_wait_ms: float = 2.0) -> None:
@@ -188,4 +193,8 @@ def serve(export_dir: Path, host: str = "127.0.0.1", port: int = 8000,
         for executor, _ in rankers:
             executor.shutdown(wait=False, cancel_futures=True)
         raise
+    # this process's ranking thread holds the GIL for most of a batch; with the default 5 ms
+    # switch interval the event loop waited that long to read or answer a request (demo, 2
+    # clients: HTTP p50 21.7 -> 19.2 ms; 8 clients: 166.7 -> 194.6 req/s at 0.5 ms)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     uvicorn.run(app, host=host, port=port, log_level="warning")

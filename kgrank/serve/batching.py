@@ -7,7 +7,8 @@ call pays the fixed part once per batch (demo export, 1,000 candidates: 1 reques
 4 requests ~29 ms). Under light load a batch is one request; under load the batches grow, and
 so does the throughput. This is the dynamic batching of serving systems such as Triton and Ray
 Serve's ``@serve.batch``: a batch is what queued while the rankers were busy, after an optional
-short wait for it to fill (``max_wait_ms``, Triton's max queue delay).
+short wait for it to fill (``max_wait_ms``, Triton's max queue delay; only while the batches
+hold several requests, so that a request under light load never waits).
 
 Rankers are *slots*: an executor plus the batch function to run on it (a thread of this process
 with its :class:`~kgrank.serve.searcher.Searcher`, or a process with its own, see
@@ -65,6 +66,7 @@ class MicroBatcher(Generic[T, R]):
         self._free: list[int] = list(range(len(self.slots)))
         self._freed = asyncio.Event()
         self._running = False
+        self._last_size = 0
         self.batches = 0
         """Number of batches run so far (the mean batch size is ``items / batches``)."""
         self.items = 0
@@ -93,6 +95,7 @@ class MicroBatcher(Generic[T, R]):
                 batch = self._queue[:n]
                 del self._queue[:n]
                 live = [(item, fut) for item, fut in batch if not fut.done()]  # not cancelled
+                self._last_size = len(live)
                 if live:
                     loop.create_task(self._run_on(slot, live))
                 else:
@@ -101,9 +104,12 @@ class MicroBatcher(Generic[T, R]):
             self._running = False
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Wait up to ``max_wait`` for the batch to fill: in a closed loop the clients just
-        answered send their next requests a moment after the next batch would otherwise have
-        started without them."""
+        """Wait up to ``max_wait`` for the batch to fill, when the previous batch held more
+        than one request (under load: in a closed loop the clients just answered send their
+        next requests a moment after the next batch would otherwise have started without them;
+        under light load a request never waits)."""
+        if self._last_size <= 1:  # light load: batches are single requests, nothing to wait for
+            return
         deadline = loop.time() + self.max_wait
         while len(self._queue) < self.max_batch * len(self._free):
             left = deadline - loop.time()

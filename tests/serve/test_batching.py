@@ -46,25 +46,26 @@ def test_queued_requests_are_batched_and_answered_in_place() -> None:
     batcher.close()
 
 
-def test_max_wait_lets_a_batch_fill() -> None:
+def test_max_wait_lets_a_batch_fill_under_load_only() -> None:
     fn = Recorder(seconds=0.0)
     batcher = MicroBatcher(fn, max_batch=8, max_wait_ms=200)
 
-    async def staggered() -> list[int]:
+    async def staggered(first: int) -> list[int]:
         async def later(i: int) -> int:
-            await asyncio.sleep(0.01 * i)
+            await asyncio.sleep(0.01 * (i - first))
             return await batcher.submit(i)
-        return list(await asyncio.gather(*(later(i) for i in range(5))))
+        return list(await asyncio.gather(*(later(i) for i in range(first, first + 5))))
 
-    assert asyncio.run(staggered()) == [0, 1, 4, 9, 16]
-    assert fn.batches == [[0, 1, 2, 3, 4]]  # waited for the later arrivals
+    # light load (nothing batched yet): the first request does not wait for others
+    t0 = time.perf_counter()
+    assert asyncio.run(staggered(0)) == [0, 1, 4, 9, 16]
+    assert fn.batches[0] == [0] and time.perf_counter() - t0 < 0.2
+    # under load (the last batch held several requests): a batch waits for later arrivals
+    fn.batches.clear()
+    assert asyncio.run(_gather(batcher, [10, 11, 12])) == [100, 121, 144]
+    assert asyncio.run(staggered(20)) == [i * i for i in range(20, 25)]
+    assert fn.batches == [[10, 11, 12], [20, 21, 22, 23, 24]]
     batcher.close()
-    # without a wait, the first request goes alone
-    fn2 = Recorder(seconds=0.0)
-    batcher2 = MicroBatcher(fn2, max_batch=8, max_wait_ms=0)
-    asyncio.run(_gather(batcher2, [1]))
-    assert fn2.batches == [[1]]
-    batcher2.close()
 
 
 def test_a_failing_request_fails_alone() -> None:

@@ -2,15 +2,19 @@
 
 Requests replay the run's test requests (user, time, device, location and query of each test
 target, cycled), ``k`` results each, with the per-source top-N set so that about
-``--target-candidates`` candidates reach the ranker. In-process: ``Searcher.search`` called
-sequentially, with the share of time per step (query embedding, candidates = source scoring +
-top-N union, feature table, LightGBM predict, per-family explanations: path attributions by
-default, TreeSHAP with `--explain-method shap`). Over HTTP:
-``python -m kgrank.serve`` (``kgrank serve``, with ``--workers`` processes) in a subprocess on a
-free loopback port, ``--requests`` requests from ``--concurrency`` client threads (bounded load:
-closed loop), or with ``--rate R`` Poisson arrivals at R requests/s (open loop, at most
-``--concurrency`` in flight; latency counted from each arrival, so waiting for a free client is
-included). Errors (non-200 answers, exceptions) are counted; the bar is 0.
+``--target-candidates`` candidates reach the ranker. In-process: one request at a time
+(``Searcher.search_many`` of one), with the share of time per step (query embedding,
+candidates = source scoring + top-N union, feature table, tree-ensemble predict, per-family
+explanations: path attributions by default, TreeSHAP with `--explain-method shap`), then the
+cost of batches of 1 / 2 / 4 / 8 requests (``--batch-rounds``). Over HTTP: ``python -m
+kgrank.serve`` (``kgrank serve``: ``--workers`` rankers behind one dynamic-batching queue,
+``--max-batch`` / ``--max-wait-ms``) in a subprocess on a free loopback port, ``--requests``
+requests from ``--concurrency`` client threads (bounded load: closed loop), or with ``--rate
+R`` Poisson arrivals at R requests/s (open loop, at most ``--concurrency`` in flight; latency
+counted from each arrival, so waiting for a free client is included). The clients use
+``http.client`` with keep-alive by default (``--client httpx`` for httpx): they share the
+cores with the server. Errors (non-200 answers, exceptions) are counted; the bar is 0. The mean
+batch is the mean over requests of the size of the batch each was ranked in.
 
     .venv/bin/python benchmarks/serve_latency.py --export runs/export/demo
     .venv/bin/python benchmarks/serve_latency.py --export runs/export/demo --workers 2
@@ -37,7 +41,7 @@ from tqdm.auto import tqdm
 
 from kgrank.export import load
 from kgrank.features.requests import requests_for_targets
-from kgrank.serve.searcher import Context, Searcher
+from kgrank.serve.searcher import Context, SearchArgs, Searcher
 
 
 def free_port() -> int:
@@ -68,12 +72,16 @@ def calibrate(searcher: Searcher, bodies: list[dict[str, Any]], target: int, bas
     return best
 
 
-def run_one(searcher: Searcher, body: dict[str, Any]) -> Any:
+def args_of(body: dict[str, Any]) -> SearchArgs:
     ctx = body.get("context", {})
-    return searcher.search(body.get("user_id"), body.get("query"),
-                           Context(ctx.get("time"), ctx.get("device"), ctx.get("location")),
-                           k=body["k"], explain=body.get("explain", True),
-                           method=body.get("explain_method", "path"))
+    return SearchArgs(body.get("user_id"), body.get("query"),
+                      Context(ctx.get("time"), ctx.get("device"), ctx.get("location")),
+                      k=body["k"], explain=body.get("explain", True),
+                      method=body.get("explain_method", "path"))
+
+
+def run_one(searcher: Searcher, body: dict[str, Any]) -> Any:
+    return searcher.search_many([args_of(body)])[0]
 
 
 def main() -> None:
@@ -90,6 +98,8 @@ def main() -> None:
                         help="open loop: Poisson arrivals at this many requests/s, latency "
                         "from each arrival (0: closed loop, each client sends when answered)")
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--batch-rounds", type=int, default=30,
+                        help="in-process search_many calls per batch size 1 / 2 / 4 / 8 (0: skip)")
     parser.add_argument("--target-candidates", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1, help="threads per server process")
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
@@ -157,6 +167,18 @@ def main() -> None:
     # queries served without a text-encoder pass (the run's pinned vectors or the LRU cache)
     lookups = (enc.hits - hits0) + (enc.misses - misses0) if enc is not None else 0
     query_hit = (enc.hits - hits0) / lookups if enc is not None and lookups else float("nan")
+
+    # in-process batches (Searcher.search_many, what the server's batcher calls): ms per batch
+    batch_ms: dict[int, float] = {}
+    for size in (1, 2, 4, 8) if args.batch_rounds > 0 else ():
+        times = []
+        for j in range(args.batch_rounds):
+            at = N_CALIBRATE + j * size
+            group = [args_of(bodies[(at + m) % len(bodies)]) for m in range(size)]
+            t = time.perf_counter()
+            searcher.search_many(group)
+            times.append(time.perf_counter() - t)
+        batch_ms[size] = float(np.median(times) * 1000)
 
     # over loopback HTTP, bounded load
     import httpx
@@ -248,6 +270,10 @@ def main() -> None:
           f"query, {query_hit:.0%} of text-encoder lookups cached")
     print(f"in-process ({args.inprocess} sequential): p50 {pct(lat, 50):.1f} ms, p99 "
           f"{pct(lat, 99):.1f} ms; share " + ", ".join(f"{k} {v:.0%}" for k, v in share.items()))
+    if batch_ms:
+        print("in-process batches (search_many, median of "
+              f"{args.batch_rounds}): " + ", ".join(
+                  f"{b} -> {ms:.1f} ms ({ms / b:.1f} ms a request)" for b, ms in batch_ms.items()))
     load_desc = (f"open loop at {args.rate:g} req/s, <= {args.concurrency} in flight"
                  if args.rate > 0 else f"concurrency {args.concurrency}")
     print(f"HTTP ({args.requests} requests, {load_desc}, {args.workers} "
@@ -268,6 +294,7 @@ def main() -> None:
         "max_wait_ms": args.max_wait_ms,
         "batch_mean": round(batch_mean, 2), "client": args.client, "explain": args.explain,
         "explain_method": args.explain_method,
+        **{f"batch{b}_ms": round(ms, 1) for b, ms in batch_ms.items()},
     }
     print("RESULT serve_latency " + " ".join(f"{k}={v}" for k, v in fields.items()))
 

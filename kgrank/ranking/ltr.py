@@ -290,16 +290,19 @@ class LTRModel:
             onehot[i, col[self.families[f]]] = 1.0
         return onehot
 
-    def explain(self, X: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    def explain(self, X: np.ndarray, threads: int | None = None
+                ) -> tuple[np.ndarray, list[str]]:
         """Per-row contributions by family: ``(contrib [N, n_families + 1], names)``.
 
         ``names`` is the families in order of first appearance in the feature names, then
         ``"bias"`` (the expected value). Each row sums to :meth:`predict` of that row.
+        ``threads``: LightGBM threads (default: LightGBM's, every core).
         """
         booster = self._booster()
         X = check_matrix(X, len(self.feature_names))
-        raw = np.asarray(booster.predict(X, num_iteration=self.best_iteration, pred_contrib=True),
-                         dtype=np.float64)
+        extra = {} if threads is None else {"num_threads": threads}
+        raw = np.asarray(booster.predict(X, num_iteration=self.best_iteration, pred_contrib=True,
+                                         **extra), dtype=np.float64)
         per_family = raw[:, :-1] @ self._family_matrix()
         return np.column_stack([per_family, raw[:, -1]]), [*self.family_names, BIAS]
 

@@ -152,8 +152,9 @@ class MicroBatcher(Generic[T, R]):
             _settle(fut, res)
 
     def close(self) -> None:
+        """Stop the slots' executors (and wait for them: ranking processes exit with them)."""
         for executor, _ in self.slots:
-            executor.shutdown(wait=False, cancel_futures=True)
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _call(fn: Callable[[Sequence[T]], Sequence[R]], items: list[T]) -> Sequence[R]:

@@ -12,6 +12,9 @@ multiprocessing pickles them between the processes, nothing is stored).
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -27,7 +30,20 @@ def _load(export_dir: str, candidates: int | None, threads: int) -> None:
     from kgrank.export.loader import load
 
     global _SEARCHER
+    _exit_with_parent(os.getppid())
     _SEARCHER = Searcher(load(Path(export_dir)), candidates=candidates, threads=threads)
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """End this process when ``parent`` is gone (killed without shutting its executors down:
+    an idle executor process would otherwise wait on its queue forever, holding a searcher)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="kgrank-parent-watch", daemon=True).start()
 
 
 def _ready() -> int:

@@ -563,12 +563,7 @@ class Searcher:
             return np.column_stack([contrib, np.full(len(x), bias)]), names
         if method != "shap":
             raise ValueError(f"unknown explanation method {method!r} (path, shap)")
-        booster = self.ltr.booster
-        assert booster is not None
-        raw = np.asarray(booster.predict(x, num_iteration=self.ltr.best_iteration,
-                                         pred_contrib=True, num_threads=self.threads),
-                         np.float64)
-        return np.column_stack([raw[:, :-1] @ self._family_matrix, raw[:, -1]]), names
+        return self.ltr.explain(x, self.threads)
 
     def similar(self, item_id: str, k: int = 10) -> list[tuple[str, float]]:
         """Nearest items by fused embedding (FAISS inner product), the item itself excluded."""

@@ -4,6 +4,9 @@ the same queue."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -32,10 +35,12 @@ def test_a_ranking_process_answers_as_the_local_searcher(tiny: TinyExport) -> No
     async def all_remote() -> list[SearchResult]:
         return list(await asyncio.gather(*(batcher.submit(a) for a in batch)))
 
+    processes = list(slots[0][0]._processes.values())  # type: ignore[attr-defined]
     try:
         remote = asyncio.run(all_remote())
     finally:
         batcher.close()
+    assert processes and not any(p.is_alive() for p in processes)  # closed with the batcher
     assert batcher.batches == 3  # 12 queued requests, batches of 4, one process
     for a, got in zip(batch, remote, strict=True):
         want = local.search_many([a])[0]
@@ -48,3 +53,12 @@ def test_a_ranking_process_answers_as_the_local_searcher(tiny: TinyExport) -> No
 def test_a_process_without_a_searcher_says_so() -> None:
     with pytest.raises(RuntimeError, match="no searcher"):
         search_many([SearchArgs()])
+
+
+def test_a_ranking_process_ends_with_its_parent() -> None:
+    # a process whose recorded parent is not its parent (the parent died: it was re-parented)
+    code = ("from kgrank.serve.rankers import _exit_with_parent; import time; "
+            "_exit_with_parent(-5, 0.05); time.sleep(60)")
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], timeout=60)
+    assert done.returncode == 0 and time.perf_counter() - t0 < 30

@@ -300,7 +300,7 @@ class LTRModel:
         """
         booster = self._booster()
         X = check_matrix(X, len(self.feature_names))
-        extra = {} if threads is None else {"num_threads": threads}
+        extra: dict[str, Any] = {} if threads is None else {"num_threads": threads}
         raw = np.asarray(booster.predict(X, num_iteration=self.best_iteration, pred_contrib=True,
                                          **extra), dtype=np.float64)
         per_family = raw[:, :-1] @ self._family_matrix()

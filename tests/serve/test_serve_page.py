@@ -144,8 +144,8 @@ def test_page_in_headless_chromium(server: str) -> None:
 def test_worker_processes_serve_concurrent_requests(tiny: TinyExport,
                                                    tmp_path_factory: pytest.TempPathFactory
                                                    ) -> None:
-    """``kgrank serve --workers 2``: two processes on one port answer concurrent
-    searches, each the same ranking as the in-process searcher."""
+    """``kgrank serve --workers 2``: the HTTP process's searcher and a ranking process answer
+    concurrent searches from one queue, each the same ranking as the in-process searcher."""
     from concurrent.futures import ThreadPoolExecutor
 
     from kgrank.export import load

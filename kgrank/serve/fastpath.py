@@ -135,9 +135,8 @@ class FastPart:
         graph = [(name, u[known], item_t) for name, u, item_t in self.graph]
         fusion = []
         if inputs.fusion is not None and self.fusion_t is not None:
-            uvec = torch.from_numpy(np.concatenate([
-                np.asarray(inputs.fusion.vectors_at(requests.take(np.array([r])), self.events),
-                           np.float32) for r in range(len(requests))]))
+            uvec = torch.from_numpy(np.asarray(inputs.fusion.vectors_at(requests, self.events),
+                                               np.float32))
             fusion.append(("fusion", uvec, self.fusion_t))
         sources, extra = stage.sources(users, feats, self.baselines, graph, fusion)
         cands = generate_candidates(sources, np.arange(len(requests)), self._exclude(users),

@@ -99,13 +99,23 @@ def _one_query(cache: QueryCache, queries: np.ndarray) -> QueryCache:
 def user_index(index: EventIndex, user: int) -> EventIndex:
     """The :class:`EventIndex` of ``user``'s events alone, sliced from an index of a whole
     history: equal to ``EventIndex(<the history's rows of user>)`` (an empty index for -1)."""
-    lo = hi = 0
-    if user >= 0:  # a user's keys are user * span + [0, span)
-        lo = int(np.searchsorted(index.keys, user * index.span, side="left"))
-        hi = int(np.searchsorted(index.keys, (user + 1) * index.span, side="left"))
+    return users_index(index, np.array([user], np.int64))
+
+
+def users_index(index: EventIndex, users: np.ndarray) -> EventIndex:
+    """The :class:`EventIndex` of the events of ``users`` (any order, repeats and -1 ignored),
+    sliced from an index of a whole history: equal to ``EventIndex(<the history's rows of those
+    users>)``."""
+    known = np.unique(np.asarray(users, np.int64))
+    known = known[known >= 0]
+    # a user's keys are user * span + [0, span); users ascending keep the slices sorted
+    lo = np.searchsorted(index.keys, known * index.span, side="left")
+    hi = np.searchsorted(index.keys, (known + 1) * index.span, side="left")
+    take = (np.concatenate([np.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist(),
+                                                             strict=True)])
+            if len(known) else np.zeros(0, np.int64))
     out = EventIndex.__new__(EventIndex)
-    out.users, out.items, out.times = (index.users[lo:hi], index.items[lo:hi],
-                                       index.times[lo:hi])
+    out.users, out.items, out.times = index.users[take], index.items[take], index.times[take]
     out.t0 = int(out.times.min()) if len(out.times) else 0
     out.span = (int(out.times.max()) - out.t0 + 3) if len(out.times) else 3
     out.keys = out._key(out.users, out.times)
@@ -164,13 +174,12 @@ class OnnxFusion:
                      ) -> np.ndarray:
         return self._run(self._features(requests, self._events(history)), chunk)
 
-    def vectors_at(self, requests: Requests, index: EventIndex) -> np.ndarray:
-        """``user_vectors`` of one request from an index of the whole history: the same as
-        ``user_vectors(requests, <the user's events>)``, without building an index per call."""
-        if len(requests) != 1:
-            raise ValueError(f"vectors_at takes one request, got {len(requests)}")
-        return self._run(self._features(requests, user_index(index, int(requests.user_idx[0]))),
-                         1)
+    def vectors_at(self, requests: Requests, index: EventIndex, chunk: int = 4096
+                   ) -> np.ndarray:
+        """``user_vectors`` from an index of the whole history: the same as
+        ``user_vectors(requests, <the requests' users' events>)`` (one tower call for the
+        batch), without building an index from a frame per call."""
+        return self._run(self._features(requests, users_index(index, requests.user_idx)), chunk)
 
     def _run(self, feats: RequestFeatures, chunk: int) -> np.ndarray:
         out = [np.zeros((0, self._items.shape[1]), np.float32)]

@@ -16,7 +16,15 @@ from kgrank.export import load
 from kgrank.features.requests import Requests, requests_for_targets
 from kgrank.fusion.inputs import EventIndex
 from kgrank.serve.compiled import compile_booster
-from kgrank.serve.searcher import PART, Context, Filters, SearchArgs, Searcher, user_index
+from kgrank.serve.searcher import (
+    PART,
+    Context,
+    Filters,
+    SearchArgs,
+    Searcher,
+    user_index,
+    users_index,
+)
 from tests.export.tiny import TinyExport, tiny_export
 
 
@@ -187,6 +195,18 @@ def test_user_index_is_the_index_of_the_users_events(searcher: Searcher) -> None
         got = user_index(full, int(user))
         for attr in ("users", "items", "times", "keys"):
             assert np.array_equal(getattr(got, attr), getattr(own, attr)), (user, attr)
+        assert (got.t0, got.span) == (own.t0, own.span)
+
+
+def test_users_index_is_the_index_of_the_users_events(searcher: Searcher) -> None:
+    history: pd.DataFrame = searcher.history
+    full = EventIndex(history)
+    users = np.unique(history["user_idx"].to_numpy())
+    for pick in ([users[3], users[0], -1, users[3]], list(users[5:17]), [-1], []):
+        own = EventIndex(history[history["user_idx"].isin(pick)])
+        got = users_index(full, np.asarray(pick, np.int64))
+        for attr in ("users", "items", "times", "keys"):
+            assert np.array_equal(getattr(got, attr), getattr(own, attr)), (pick, attr)
         assert (got.t0, got.span) == (own.t0, own.span)
 
 

@@ -96,12 +96,6 @@ def _one_query(cache: QueryCache, queries: np.ndarray) -> QueryCache:
     return _Fixed(cache.dim, np.ones(1, np.int64), torch.from_numpy(table))
 
 
-def user_index(index: EventIndex, user: int) -> EventIndex:
-    """The :class:`EventIndex` of ``user``'s events alone, sliced from an index of a whole
-    history: equal to ``EventIndex(<the history's rows of user>)`` (an empty index for -1)."""
-    return users_index(index, np.array([user], np.int64))
-
-
 def users_index(index: EventIndex, users: np.ndarray) -> EventIndex:
     """The :class:`EventIndex` of the events of ``users`` (any order, repeats and -1 ignored),
     sliced from an index of a whole history: equal to ``EventIndex(<the history's rows of those

@@ -22,7 +22,6 @@ from kgrank.serve.searcher import (
     Filters,
     SearchArgs,
     Searcher,
-    user_index,
     users_index,
 )
 from tests.export.tiny import TinyExport, tiny_export
@@ -187,12 +186,12 @@ def test_single_thread_lightgbm_matches_the_model(searcher: Searcher) -> None:
     assert np.allclose(got.sum(1), searcher.predict(x[:5]), atol=1e-9)
 
 
-def test_user_index_is_the_index_of_the_users_events(searcher: Searcher) -> None:
+def test_users_index_of_one_user_is_the_index_of_the_users_events(searcher: Searcher) -> None:
     history: pd.DataFrame = searcher.history
     full = EventIndex(history)
     for user in [-1, *np.unique(history["user_idx"].to_numpy())[:25].tolist()]:
         own = EventIndex(history[history["user_idx"] == user])
-        got = user_index(full, int(user))
+        got = users_index(full, np.array([user], np.int64))
         for attr in ("users", "items", "times", "keys"):
             assert np.array_equal(getattr(got, attr), getattr(own, attr)), (user, attr)
         assert (got.t0, got.span) == (own.t0, own.span)

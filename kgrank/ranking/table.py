@@ -234,11 +234,9 @@ class PartFeatures:
         has_query = self.requests.has_query[rows]
         if self.query_emb:
             put("has_query", has_query[:, None], "query")
-        for space, qemb in self.query_emb.items():
-            sim = query_sims.get(space)
-            if sim is None:
-                sim = np.matmul(self.embeddings[space][0][safe], qemb[rows][:, :, None])[..., 0]
-            put(f"query_{space}_sim", np.where(has_query[:, None], sim, 0.0), "query")
+        for space in self.query_emb:  # a query space is an embedding space (computed above)
+            put(f"query_{space}_sim", np.where(has_query[:, None], query_sims[space], 0.0),
+                "query")
         if self.tokens is not None and has_query.any():
             ov = self.tokens.overlap(self.requests.query[rows])
             put("query_overlap", np.take_along_axis(ov.toarray(), safe, 1), "query")

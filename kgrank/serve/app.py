@@ -126,7 +126,7 @@ def create_app(searcher: Searcher, max_batch: int = 8, max_wait_ms: float = 2.0,
         context = Context() if ctx is None else Context(
             None if ctx.time is None else int(ctx.time.timestamp()), ctx.device, ctx.location)
         filters = None if f is None else Filters(f.category, f.brand, f.min_price, f.max_price)
-        # ranked on the batcher's one thread, with the requests that queued meanwhile
+        # ranked by the next free ranker, in a batch with the requests that queued meanwhile
         res = await batcher.submit(SearchArgs(body.user_id, body.query, context, body.k,
                                               filters, body.explain, body.explain_method))
         return SearchOut(results=[hit_out(h) for h in res.hits], user_known=res.user_known,

@@ -15,7 +15,7 @@ with its :class:`~kgrank.serve.searcher.Searcher`, or a process with its own, se
 :mod:`kgrank.serve.rankers`). One queue feeds every slot: a slot that frees takes its share of
 what is queued (``ceil(queued / free slots)``, at most ``max_batch``), so the load is balanced
 per request, not per connection (uvicorn's worker processes each keep the connections they
-accepted: with 8 keep-alive clients on 2 workers, a 5 / 3 split left one core short).
+accepted: 8 keep-alive clients can split unevenly between 2 workers and leave a core short).
 
 If a batch fails, its requests are run again one by one, so that one bad request fails alone.
 """

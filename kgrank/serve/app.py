@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -20,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 import kgrank
-from kgrank.serve.batching import MicroBatcher, Slot
+from kgrank.serve.batching import MicroBatcher, Slot, thread_slot
 from kgrank.serve.schemas import (
     MAX_K,
     HealthOut,
@@ -73,10 +72,9 @@ def create_app(searcher: Searcher, max_batch: int = 8, max_wait_ms: float = 2.0,
     app = FastAPI(title="kgrank", version=kgrank.__version__, lifespan=lifespan,
                   description="Knowledge-graph-augmented multimodal search and recommendation.")
     manifest = searcher.export.manifest
-    local: Slot[SearchArgs, SearchResult] = (
-        ThreadPoolExecutor(1, thread_name_prefix="kgrank-rank"), searcher.search_many)
     batcher: MicroBatcher[SearchArgs, SearchResult] = MicroBatcher(
-        max_batch=max_batch, max_wait_ms=max_wait_ms, slots=[local, *rankers])
+        max_batch=max_batch, max_wait_ms=max_wait_ms,
+        slots=[thread_slot(searcher.search_many), *rankers])
     app.state.batcher = batcher
     devices, locations = set(searcher.devices), set(searcher.locations)
 
@@ -179,7 +177,7 @@ def serve(export_dir: Path, host: str = "127.0.0.1", port: int = 8000,
     import uvicorn
 
     from kgrank.export.loader import load
-    from kgrank.serve.rankers import ranker_slots, wait_ready
+    from kgrank.serve.rankers import ranker_slots, stop, wait_ready
 
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -190,8 +188,7 @@ def serve(export_dir: Path, host: str = "127.0.0.1", port: int = 8000,
                          max_wait_ms, rankers)
         wait_ready(rankers)
     except BaseException:
-        for executor, _ in rankers:
-            executor.shutdown(wait=False, cancel_futures=True)
+        stop(rankers)
         raise
     # this process's ranking thread holds the GIL for most of a batch; with the default 5 ms
     # switch interval the event loop waited that long to read or answer a request (demo, 2

@@ -38,6 +38,11 @@ Slot = tuple[Executor, Callable[[Sequence[T]], Sequence[R]]]
 """A ranker: the executor that runs batches (one at a time) and the batch function it runs."""
 
 
+def thread_slot(fn: Callable[[Sequence[T]], Sequence[R]]) -> Slot[T, R]:
+    """A ranker on one thread of this process."""
+    return ThreadPoolExecutor(1, thread_name_prefix="kgrank-rank"), fn
+
+
 class MicroBatcher(Generic[T, R]):
     """``await submit(item)`` -> ``fn([..., item, ...])[its position]``.
 
@@ -56,7 +61,7 @@ class MicroBatcher(Generic[T, R]):
         if slots is None:
             if fn is None:
                 raise ValueError("MicroBatcher needs fn or slots")
-            slots = [(ThreadPoolExecutor(1, thread_name_prefix="kgrank-rank"), fn)]
+            slots = [thread_slot(fn)]
         if not slots:
             raise ValueError("MicroBatcher needs at least one slot")
         self.slots = list(slots)

@@ -80,6 +80,11 @@ def wait_ready(slots: Sequence[Slot[SearchArgs, SearchResult]]) -> None:
         for fut in [executor.submit(_ready) for executor, _ in slots]:
             fut.result()
     except BaseException:
-        for executor, _ in slots:
-            executor.shutdown(wait=False, cancel_futures=True)
+        stop(slots)
         raise
+
+
+def stop(slots: Sequence[Slot[SearchArgs, SearchResult]]) -> None:
+    """Stop ranking processes without waiting for them (a failed start-up)."""
+    for executor, _ in slots:
+        executor.shutdown(wait=False, cancel_futures=True)

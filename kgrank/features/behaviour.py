@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from kgrank.features.lookup import lookup
 from kgrank.features.neighbours import (
     NeighbourIndex,
     neighbour_feature_names,
@@ -195,17 +196,6 @@ def _segment_max(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.n
     k = keys[order]
     starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
     return k[starts], np.maximum.reduceat(values[order], starts)
-
-
-def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """``values[i]`` where ``keys[i] == query`` (``keys`` sorted, unique), else 0."""
-    out = np.zeros(len(query), dtype=np.float64)
-    if len(keys) == 0:
-        return out
-    pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
-    hit = keys[pos] == query
-    out[hit] = values[pos[hit]]
-    return out
 
 
 def _take(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -716,7 +706,8 @@ class BehaviourFeatures:
         n_leaf = self.leaf_trans.shape[1]
         keys, (sums,) = _segment_sums(owner[k] * n_leaf + col, [prob / n_a[owner[k]]])
         c_leaf = self.leaf[cand]
-        trans = np.where(c_leaf >= 0, _lookup(keys, sums, rf * n_leaf + np.maximum(c_leaf, 0)),
+        trans = np.where(c_leaf >= 0, lookup(keys, sums, rf * n_leaf + np.maximum(c_leaf, 0),
+                                               nr * n_leaf),
                          0.0)
         base = self.leaf_next_share[np.maximum(c_leaf, 0)]
         out["sess_prev_leaf_trans"] = trans
@@ -776,14 +767,15 @@ class BehaviourFeatures:
             q = rf * size + np.maximum(ca, 0)
             cok = ca >= 0
             f[f"{name}_share"] = np.where(
-                cok, _lookup(keys, w_sum, q) / np.maximum(w_total[rf], 1e-12), 0.0)
-            f[f"{name}_count"] = np.where(cok, _lookup(keys, count, q), 0.0)
+                cok, lookup(keys, w_sum, q, nr * size) / np.maximum(w_total[rf], 1e-12), 0.0)
+            f[f"{name}_count"] = np.where(cok, lookup(keys, count, q, nr * size), 0.0)
             if name in ("cat_leaf", "brand"):
                 in_last = np.unique(owner[ok & latest] * size + a[ok & latest])
                 f[f"{name.removeprefix('cat_')}_in_last"] = np.where(
-                    cok, _lookup(in_last, np.ones(len(in_last)), q), 0.0)
+                    cok, lookup(in_last, np.ones(len(in_last)), q, nr * size), 0.0)
+        qk, n_qk = rf * self.n_items + cand, nr * self.n_items  # (request, item) keys
         seen = np.unique(owner * self.n_items + hist_item)
-        f["item_in_history"] = _lookup(seen, np.ones(len(seen)), rf * self.n_items + cand)
+        f["item_in_history"] = lookup(seen, np.ones(len(seen)), qk, n_qk)
 
         # ---- price
         lp = self.log_price[hist_item]
@@ -809,7 +801,6 @@ class BehaviourFeatures:
         f["rel_price_abs_gap"] = np.abs(f["rel_price_gap"])
 
         # ---- item-to-item
-        qk = rf * self.n_items + cand
         recent = g < TRANSITION_GROUPS
         o_r, g_r = owner[recent], g[recent]
         group_size = np.bincount(o_r * TRANSITION_GROUPS + g_r,
@@ -819,19 +810,19 @@ class BehaviourFeatures:
         at_latest = g_r[k] == 0
         keys, (s_last,) = _segment_sums(o_r[k][at_latest] * self.n_items + col[at_latest],
                                         [contrib[at_latest]])
-        f["trans_last"] = _lookup(keys, s_last, qk)
+        f["trans_last"] = lookup(keys, s_last, qk, n_qk)
         keys, (s_decay,) = _segment_sums(o_r[k] * self.n_items + col,
                                          [contrib * w[recent][k]], sort_by=[g_r[k]])
-        f["trans_decay"] = _lookup(keys, s_decay, qk)
+        f["trans_decay"] = lookup(keys, s_decay, qk, n_qk)
 
         k, col, p = _expand_rows(self.cooc, owner, hist_item)
         keys, (s_cooc,) = _segment_sums(owner[k] * self.n_items + col,
                                         [p * w[k] / w_total[owner[k]]])
-        f["cooc_score"] = _lookup(keys, s_cooc, qk)
+        f["cooc_score"] = lookup(keys, s_cooc, qk, n_qk)
 
         k, col, p = _expand_rows(self.sim, owner, hist_item)
         keys, s_max = _segment_max(owner[k] * self.n_items + col, p)
-        f["knn_max"] = _lookup(keys, s_max, qk)
+        f["knn_max"] = lookup(keys, s_max, qk, n_qk)
         f.update(self._session_features(t, start, stop, has, rf, cand))
         if self.nbr is not None:  # the user's events <= t (not only the considered history)
             q_owner, q_ev = _ranges(np.where(has, start, 0), np.where(has, stop, 0))

@@ -45,11 +45,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from kgrank.features.lookup import lookup
+
 NEIGHBOURS = 50
 """Default neighbourhood size (``ranking.neighbours``)."""
 SIM_CELLS = 1 << 22
 """Request x user similarity cells computed at once (bounds the temporary memory: 16 MiB of
 float32 similarities)."""
+DENSE_CELLS = 1 << 21
+"""Similarity blocks with at most this many ``size x n_users`` cells keep their profiles as a
+dense float64 matrix (16 MiB at most): a request's dot products are then one matrix product
+instead of an expansion over every user of each of its codes (a colour held by most users)."""
 
 NEIGHBOUR_DOCS: dict[str, str] = {
     "nbr_sim": "mean sim(q, v) over the neighbours N (0 without neighbours)",
@@ -130,6 +136,18 @@ class NeighbourIndex:
     """``m_v`` per user (0 without priced events)."""
     user_priced: np.ndarray = field(repr=False)
     """1.0 where the user has priced events."""
+    _dense: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
+    """similarity block -> dense ``profiles_t`` (small blocks only; built on first use)."""
+
+    def _dense_profiles(self, b: str) -> np.ndarray | None:
+        """``profiles_t[b]`` as a dense ``[size, n_users]`` float64 matrix, None when it has more
+        than :data:`DENSE_CELLS` cells."""
+        if b not in self._dense:
+            prof = self.profiles_t[b]
+            if prof.shape[0] * prof.shape[1] > DENSE_CELLS:
+                return None
+            self._dense[b] = prof.toarray().astype(np.float64)
+        return self._dense[b]
 
     @classmethod
     def fit(cls, user: np.ndarray, item: np.ndarray, n_users: int, n_items: int,
@@ -198,13 +216,24 @@ class NeighbourIndex:
             for b in self.sim_blocks:  # in a fixed block order: a canonical sum
                 q_row, q_code, q_count = queries[b]
                 a, z = np.searchsorted(q_row, [lo, hi])
+                # <n_b(q), n_b(v)>: sums of small integers, exact in any order (so the dense
+                # product and the sparse expansion give the same bits)
+                dense = self._dense_profiles(b)
+                if dense is not None:  # whole rows: no per-cell indexing
+                    q = np.zeros((hi - lo, dense.shape[0]))
+                    q[q_row[a:z] - lo, q_code[a:z]] = q_count[a:z]
+                    dots2 = q @ dense
+                    norms = np.sqrt(q_norms[b][lo:hi, None] * self.sq_norms[b][None, :])
+                    # the cells without a dot product add 0 (both norms are > 0 where one is)
+                    sim += np.divide(dots2, norms, out=np.zeros_like(dots2),
+                                     where=dots2 != 0).astype(np.float32).ravel()
+                    continue
                 prof = self.profiles_t[b]
                 k, other = _expand(prof.indptr, q_code[a:z])
-                # <n_b(q), n_b(v)>: sums of small integers, exact in any order
                 dots = np.bincount((q_row[a:z][k] - lo) * self.n_users + prof.indices[other],
                                    weights=q_count[a:z][k] * prof.data[other],
                                    minlength=(hi - lo) * self.n_users)
-                cell = np.flatnonzero(dots)  # both norms are > 0 wherever a dot product is
+                cell = np.flatnonzero(dots)
                 row, col = np.divmod(cell, self.n_users)
                 sim[cell] += (dots[cell] / np.sqrt(
                     q_norms[b][lo + row] * self.sq_norms[b][col])).astype(np.float32)
@@ -244,10 +273,8 @@ class NeighbourIndex:
             if len(keys):
                 starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
                 keys, values = keys[starts], np.add.reduceat(terms, starts)
-                q = rf * size + np.maximum(code, 0)
-                pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
-                hit = (keys[pos] == q) & (code >= 0)
-                out[hit] = values[pos[hit]]
+                out = np.where(code >= 0, lookup(keys, values, rf * size + np.maximum(code, 0),
+                                                 nr * size), 0.0)
             f[f"nbr_{b}_share"] = out
         priced_w = np.bincount(r, weights=wn * self.user_priced[c], minlength=nr)
         mean = np.divide(np.bincount(r, weights=wn * (self.user_price * self.user_priced)[c],

@@ -96,3 +96,33 @@ def test_requests_in_a_batch_do_not_change_each_other() -> None:
                                np.arange(N_ITEMS), [])
         for name, values in alone.items():
             assert np.array_equal(together[name][rf == r], values), (r, name)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_dense_and_sparse_paths_give_the_same_bits(seed: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small blocks' dot products are dense matrix products and small key spaces dense tables;
+    both must give exactly what the sparse expansion and the binary search give."""
+    import kgrank.features.lookup as lookup_mod
+    import kgrank.features.neighbours as nbr_mod
+
+    rng = np.random.default_rng(seed)
+    req_user = rng.integers(-1, N_USERS, 9)
+    owner = np.sort(rng.integers(0, 9, 50))
+    ev_item = rng.integers(0, N_ITEMS, 50)
+    rf = np.repeat(np.arange(9), N_ITEMS)
+    cand = np.tile(np.arange(N_ITEMS), 9)
+    out = []
+    for cells, keys in ((nbr_mod.DENSE_CELLS, lookup_mod.DENSE_KEYS), (0, 0)):
+        monkeypatch.setattr(nbr_mod, "DENSE_CELLS", cells)
+        monkeypatch.setattr(lookup_mod, "DENSE_KEYS", keys)
+        index, _, _, _ = _index(np.random.default_rng(seed), 4)  # a fresh dense-block cache
+        out.append((index._neighbour_entries(req_user, owner, ev_item),
+                    index.features(req_user, owner, ev_item, rf, cand, [])))
+    (dense_entries, dense_f), (sparse_entries, sparse_f) = out
+    assert index._dense == {}  # the second index never built a dense block
+    for a, b in zip(dense_entries, sparse_entries, strict=True):
+        assert np.array_equal(a, b)
+    assert dense_f.keys() == sparse_f.keys()
+    for name in dense_f:
+        assert np.array_equal(dense_f[name], sparse_f[name]), name

@@ -122,6 +122,24 @@ def present_rows(emb: np.ndarray) -> np.ndarray:
     return np.asarray(np.abs(emb).sum(-1) > 0)
 
 
+SIM_ROWS = 512
+"""Candidate rows gathered at once for the similarity products (``512 x d`` floats stay in cache
+while they are multiplied)."""
+
+
+def _similarities(emb: np.ndarray, items: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+    """``out[b, j] = emb[items[b, j]] @ vecs[b]`` (``vecs [B, d, m]``) as float32 ``[B, C, m]``,
+    a few hundred candidate rows at a time: gathering all ``[B, C, d]`` rows first and then
+    reading them again doubled the memory traffic. Each request's products are its own, so a
+    request's similarities do not depend on the rest of its batch."""
+    b, c = items.shape
+    out = np.empty((b, c, vecs.shape[2]), dtype=np.float32)
+    step = max(1, SIM_ROWS // max(b, 1))
+    for lo in range(0, c, step):
+        out[:, lo : lo + step] = np.matmul(emb[items[:, lo : lo + step]], vecs)
+    return out
+
+
 def _normalize_rows(mat: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(mat, axis=1, keepdims=True)
     return np.divide(mat, norms, out=np.zeros_like(mat), where=norms > 0)
@@ -219,9 +237,7 @@ class PartFeatures:
             vecs = [prof[rows], last[rows]]
             if name in self.query_emb:
                 vecs.append(self.query_emb[name][rows])
-            # one gather of the candidates' rows and one batched product for every similarity
-            # in this space (the gather dominates: [B, C, d] floats)
-            sims = np.matmul(emb[safe], np.stack(vecs, axis=2))  # [B, C, len(vecs)]
+            sims = _similarities(emb, safe, np.stack(vecs, axis=2))  # [B, C, len(vecs)]
             put(f"{name}_profile_sim", sims[..., 0], family)
             put(f"{name}_last_sim", sims[..., 1], family)
             if name in self.query_emb:

@@ -306,7 +306,7 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per step: query_embed, candidates (source scores + top-N union), features (the
     LTR table), ltr (LightGBM predict + ordering), explain (per-family path attributions or
-    TreeSHAP of the hits). Every step but explain is the whole batch's."""
+    TreeSHAP of the hits), each the whole batch's."""
     batch_size: int = 1
     """Requests ranked together with this one (:meth:`Searcher.search_many`)."""
 
@@ -525,24 +525,30 @@ class Searcher:
         t3 = time.perf_counter()
         timings = {"query_embed": query_s, "candidates": t1 - t0 - query_s, "features": t2 - t1,
                    "ltr": t3 - t2}
+        # one explanation call per method for the whole batch (each row's is its own)
+        explained: dict[int, tuple[np.ndarray, list[str]]] = {}
+        for method in dict.fromkeys(a.method for a in batch if a.explain):
+            who = [r for r, a in enumerate(batch) if a.explain and a.method == method and orders[r]]
+            if not who:
+                continue
+            contrib, fams = self.explain(x[[j for r in who for j in orders[r]]], method)
+            ends = np.cumsum([len(orders[r]) for r in who])
+            for r, part in zip(who, np.split(contrib, ends[:-1]), strict=True):
+                explained[r] = (part, fams)
+        timings["explain"] = time.perf_counter() - t3
         out = []
         for r, (a, order) in enumerate(zip(batch, orders, strict=True)):
-            t4 = time.perf_counter()
+            contrib, fams = explained.get(r, (np.zeros((len(order), 0)), []))
             hits: list[Hit] = []
-            if order:
-                contrib, fams = (self.explain(x[order], a.method) if a.explain
-                                 else (np.zeros((len(order), 0)), []))
-                for i_hit, j in enumerate(order):
-                    i = int(items[j])
-                    row = contrib[i_hit]
-                    why = {f: round(float(v), 4) for f, v in zip(fams, row, strict=True)}
-                    hits.append(Hit(self.item_ids[i], float(pred[j]), self.titles[i],
-                                    self.images[i], _num(self.prices[i]), why,
-                                    top_reasons(row, fams) if a.explain else []))
+            for i_hit, j in enumerate(order):
+                i = int(items[j])
+                row = contrib[i_hit]
+                why = {f: round(float(v), 4) for f, v in zip(fams, row, strict=True)}
+                hits.append(Hit(self.item_ids[i], float(pred[j]), self.titles[i],
+                                self.images[i], _num(self.prices[i]), why,
+                                top_reasons(row, fams) if a.explain else []))
             out.append(SearchResult(hits, bool(req.user_idx[r] >= 0),
-                                    int(bounds[r + 1] - bounds[r]),
-                                    {**timings, "explain": time.perf_counter() - t4},
-                                    len(batch)))
+                                    int(bounds[r + 1] - bounds[r]), dict(timings), len(batch)))
         return out
 
     def predict(self, x: np.ndarray) -> np.ndarray:

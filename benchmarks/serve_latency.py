@@ -278,7 +278,8 @@ def main() -> None:
                  if args.rate > 0 else f"concurrency {args.concurrency}")
     print(f"HTTP ({args.requests} requests, {load_desc}, {args.workers} "
           f"worker process(es) x {args.threads} thread(s)): p50 "
-          f"{pct(http_lat, 50):.1f} ms, p99 {pct(http_lat, 99):.1f} ms, "
+          f"{pct(http_lat, 50):.1f} ms, p90 {pct(http_lat, 90):.1f} ms, p99 "
+          f"{pct(http_lat, 99):.1f} ms, max {max(http_lat) * 1000:.1f} ms, "
           f"{args.requests / wall:.1f} req/s, errors {errors_http}; mean batch {batch_mean:.2f} "
           f"(max {args.max_batch})")
     fields = {
@@ -288,7 +289,8 @@ def main() -> None:
         "inproc_p99_ms": round(pct(lat, 99), 1), "query_cache_hit": round(query_hit, 3),
         **{f"share_{k}": round(v, 3) for k, v in share.items()},
         "http_n": args.requests, "concurrency": args.concurrency, "rate": args.rate,
-        "http_p50_ms": round(pct(http_lat, 50), 1), "http_p99_ms": round(pct(http_lat, 99), 1),
+        "http_p50_ms": round(pct(http_lat, 50), 1), "http_p90_ms": round(pct(http_lat, 90), 1),
+        "http_p99_ms": round(pct(http_lat, 99), 1), "http_max_ms": round(max(http_lat) * 1000, 1),
         "http_rps": round(args.requests / wall, 1), "errors": errors_in + errors_http,
         "threads": args.threads, "workers": args.workers, "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,

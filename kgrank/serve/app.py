@@ -177,7 +177,7 @@ def serve(export_dir: Path, host: str = "127.0.0.1", port: int = 8000,
     import uvicorn
 
     from kgrank.export.loader import load
-    from kgrank.serve.rankers import ranker_slots, stop, wait_ready
+    from kgrank.serve.rankers import freeze_loaded, ranker_slots, stop, wait_ready
 
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -190,6 +190,7 @@ def serve(export_dir: Path, host: str = "127.0.0.1", port: int = 8000,
     except BaseException:
         stop(rankers)
         raise
+    freeze_loaded()
     # this process's ranking thread holds the GIL for most of a batch; with the default 5 ms
     # switch interval the event loop waited that long to read or answer a request (demo, 2
     # clients: HTTP p50 21.7 -> 19.2 ms; 8 clients: 166.7 -> 194.6 req/s at 0.5 ms)

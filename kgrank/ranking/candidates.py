@@ -208,8 +208,11 @@ def generate_candidates(
                 ex_cols = inv[torch.from_numpy(ex_items[offsets[lo] : offsets[hi]])]
             best = torch.full((b, n_items), top, dtype=torch.int32)
             n_hit = torch.zeros((b, n_items), dtype=torch.int16)
-            tops: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            tops: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
             for name in names:
+                if not (full[name] > -torch.inf).any():  # proposes nothing (e.g. no query)
+                    tops[name] = None
+                    continue
                 # Columns in the random order, so topk's choice among ties ignores item ids.
                 masked = full[name].index_select(1, perm)
                 masked.nan_to_num_(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
@@ -238,12 +241,15 @@ def generate_candidates(
             del n_hit
             rank_buf = torch.empty((b, n_items), dtype=torch.int32)
             for name in names:
-                idx, rank = tops[name]
-                rank_buf.fill_(top).scatter_(1, idx, rank)
-                chunk[f"rank/{name}"] = (
-                    rank_buf.gather(1, cand).masked_fill_(pad, top).numpy().astype(
-                        rank_dtype(top))
-                )
+                picked = tops[name]
+                if picked is None:
+                    chunk[f"rank/{name}"] = np.full(tuple(cand.shape), top, rank_dtype(top))
+                else:
+                    rank_buf.fill_(top).scatter_(1, *picked)
+                    chunk[f"rank/{name}"] = (
+                        rank_buf.gather(1, cand).masked_fill_(pad, top).numpy().astype(
+                            rank_dtype(top))
+                    )
                 chunk[f"score/{name}"] = _gather(full.pop(name), cand, pad)
             for name, fn in extra.items():
                 chunk[f"score/{name}"] = _gather(

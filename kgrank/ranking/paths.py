@@ -60,7 +60,8 @@ class PathExplainer:
                     step = acc.copy()
                     step[fam] += _value(child) - _value(node)
                     stack.append((child, step))
-        self._trees = np.arange(len(trees))
+        # row (tree, leaf) of the table flattened, for one np.take per explanation
+        self._offsets = np.arange(len(trees)) * n_leaves
         self._booster = booster
 
     def explain(self, X: np.ndarray, num_threads: int = 0) -> tuple[np.ndarray, float]:
@@ -70,7 +71,8 @@ class PathExplainer:
         leaves = np.asarray(self._booster.predict(X, num_iteration=self.num_iteration,
                                                   pred_leaf=True, **kw), np.int64)
         leaves = leaves.reshape(len(X), -1)
-        return self.table[self._trees, leaves].sum(axis=1), self.bias
+        flat = self.table.reshape(-1, self.table.shape[2])
+        return np.take(flat, leaves + self._offsets, axis=0).sum(axis=1), self.bias
 
 
 def _value(node: dict[str, Any]) -> float:

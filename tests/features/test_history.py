@@ -53,3 +53,22 @@ def test_max_groups_keeps_whole_groups() -> None:
     rh = request_history(_requests([0], [20]), _history(HISTORY))
     w = rh.matrix(10, half_life=1.0, max_groups=1, normalize=False).toarray().ravel()
     assert w[3] == 1.0 and w[1] == 0 and w[2] == 0
+
+
+def test_matrix_matches_a_dense_reading_with_repeated_items() -> None:
+    rng = np.random.default_rng(0)
+    rows = [(int(u), int(i), int(t)) for u, i, t in zip(rng.integers(0, 4, 80),
+                                                          rng.integers(0, 6, 80),  # repeats
+                                                          rng.integers(0, 30, 80), strict=True)]
+    rh = request_history(_requests([0, 1, 2, 3, 0, 7], [29, 15, 29, 3, 10, 29]), _history(rows))
+    for half_life, groups in ((2.0, None), (1.0, 3)):
+        w = rh.matrix(6, half_life, groups)
+        assert w.has_canonical_format  # sorted, repeats summed into one entry
+        keep = np.ones(len(rh.row), bool) if groups is None else rh.groups_from_end < groups
+        want = np.zeros((6, 6))
+        np.add.at(want, (rh.row[keep], rh.item[keep]),
+                  0.5 ** (rh.groups_from_end[keep] / half_life))
+        sums = want.sum(axis=1, keepdims=True)
+        want = np.divide(want, sums, out=np.zeros_like(want), where=sums > 0)
+        assert np.allclose(w.toarray(), want, atol=1e-6)
+        assert w.toarray()[5].sum() == 0  # user 7 has no history

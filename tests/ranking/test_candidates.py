@@ -62,6 +62,13 @@ def test_random_sources_history_gather_and_batching() -> None:
     sparse = rng.normal(size=(n_rows, n_items)).astype(np.float32)
     sparse[:, 3:] = -np.inf  # proposes at most 3 items
     mats["sparse"] = sparse
+    # proposes nothing at all, and nothing in the first batch of 8 (skipped there, not with a
+    # batch of 100: the same candidates either way)
+    mats["none"] = np.where(rng.random((n_rows, n_items)) < 0.5, -np.inf, np.nan).astype(
+        np.float32)
+    late = rng.normal(size=(n_rows, n_items)).astype(np.float32)
+    late[:8] = -np.inf
+    mats["late"] = late
     history = [list(rng.choice(n_items, rng.integers(0, 10), replace=False)) for _ in range(n_rows)]
     src = {k: _table(v) for k, v in mats.items()}
     c = generate_candidates(src, np.arange(n_rows), _csr(history), n, batch_size=8,

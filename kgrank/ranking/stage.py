@@ -340,23 +340,29 @@ class RankingStage:
         """
         cands = data.candidates
         items = cands.items[rows]
-        perm = np.broadcast_to(np.arange(items.shape[1]), items.shape)
+        perm: np.ndarray | None = None
         if shuffle_seed is not None:
             rng = np.random.default_rng(shuffle_seed)
             perm = np.argsort(rng.random(items.shape), axis=1)
-        items = np.take_along_axis(items, perm, 1)
+
+        def order(v: np.ndarray) -> np.ndarray:
+            return v if perm is None else np.take_along_axis(v, perm, 1)
+
+        items = order(items)
         ranked = set(cands.ranks)
-        scores = {s: np.take_along_axis(v[rows], perm, 1) for s, v in cands.scores.items()
+        scores = {s: order(v[rows]) for s, v in cands.scores.items()
                   if s in ranked or not s.startswith("fusion_without_")}
-        ranks = {s: np.take_along_axis(v[rows], perm, 1) for s, v in cands.ranks.items()}
-        variants = {f"score_{s}": (np.take_along_axis(v[rows], perm, 1), "fusion_variant")
+        ranks = {s: order(v[rows]) for s, v in cands.ranks.items()}
+        variants = {f"score_{s}": (order(v[rows]), "fusion_variant")
                     for s, v in cands.scores.items() if s.startswith("fusion_without_")}
         x, names, fam = data.features.build(rows, items, scores, ranks, variants)
         valid = (items >= 0).reshape(-1)
         cell_row, cell_col = np.divmod(np.flatnonzero(valid), items.shape[1])
-        # positions in the caller's (unshuffled) candidate order
-        cell_col = perm[cell_row, cell_col]
-        return x[valid], names, fam, np.stack([cell_row, cell_col], 1), items.reshape(-1)[valid]
+        if perm is not None:  # positions in the caller's (unshuffled) candidate order
+            cell_col = perm[cell_row, cell_col]
+        if not valid.all():  # (a serving batch is usually all candidates: no copy)
+            x = x[valid]
+        return x, names, fam, np.stack([cell_row, cell_col], 1), items.reshape(-1)[valid]
 
     @staticmethod
     def feature_sets(names: list[str], fam: Mapping[str, str], absent: Collection[str] = ()

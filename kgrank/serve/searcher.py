@@ -511,7 +511,9 @@ class Searcher:
         query_s = sum(e.thread_seconds() for e in encoders) - enc0
         rows = np.arange(len(batch))
         x, names, _, cells, items = self.stage.table(data, rows)
-        x = x[:, self.feature_columns(names)]
+        cols = self.feature_columns(names)
+        if cols != list(range(x.shape[1])):  # (usually the table's own order: no copy)
+            x = x[:, cols]
         t2 = time.perf_counter()
         pred = self.predict(x)
         bounds = np.searchsorted(cells[:, 0], np.arange(len(batch) + 1))  # cells are row-major

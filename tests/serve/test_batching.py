@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from kgrank.serve.batching import MicroBatcher
+from kgrank.serve.batching import MicroBatcher, thread_slot
 
 
 class Recorder:
@@ -60,11 +60,29 @@ def test_max_wait_lets_a_batch_fill_under_load_only() -> None:
     t0 = time.perf_counter()
     assert asyncio.run(staggered(0)) == [0, 1, 4, 9, 16]
     assert fn.batches[0] == [0] and time.perf_counter() - t0 < 0.2
-    # under load (the last batch held several requests): a batch waits for later arrivals
+    # under load (the last batch held several requests): a batch waits for later arrivals,
+    # as many as the last demand (3), then the rest wait in their turn
     fn.batches.clear()
     assert asyncio.run(_gather(batcher, [10, 11, 12])) == [100, 121, 144]
     assert asyncio.run(staggered(20)) == [i * i for i in range(20, 25)]
-    assert fn.batches == [[10, 11, 12], [20, 21, 22, 23, 24]]
+    assert fn.batches == [[10, 11, 12], [20, 21, 22], [23, 24]]
+    batcher.close()
+
+
+def test_a_freed_slot_takes_a_fair_share_of_the_demand_not_the_whole_queue() -> None:
+    fast, slow = Recorder(seconds=0.05), Recorder(seconds=0.3)
+    batcher = MicroBatcher(max_batch=8, slots=[thread_slot(fast), thread_slot(slow)])
+
+    async def scenario() -> list[object]:
+        first = asyncio.ensure_future(_gather(batcher, [0, 1]))  # one each: demand 2, 2 slots
+        await asyncio.sleep(0.01)
+        rest = await _gather(batcher, list(range(2, 8)))  # queue while both slots are busy
+        return [*await first, *rest]
+
+    assert asyncio.run(scenario()) == [i * i for i in range(8)]
+    # the fast slot freed with 6 queued and 1 running: demand 7, its share 4 (not all 6)
+    assert fast.batches[:2] == [[0], [2, 3, 4, 5]] and slow.batches[0] == [1]
+    assert sorted(i for b in fast.batches + slow.batches for i in b) == list(range(8))
     batcher.close()
 
 

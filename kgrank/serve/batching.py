@@ -16,9 +16,11 @@ with its :class:`~kgrank.serve.searcher.Searcher`, or a process with its own, se
 not per connection (uvicorn's worker processes each keep the connections they accepted: 8
 keep-alive clients can split unevenly between 2 workers and leave a core short). A slot that
 frees takes a fair share of the demand, ``ceil((queued + running) / slots)`` requests (at most
-``max_batch``), not everything queued: with 8 closed-loop clients on 2 slots the batches stay at
-4 + 4. Taking the whole queue let them drift to 6 + 2, where the 6 waited for a long batch
-(Amazon Beauty: p99 56.5 ms at ``max_batch`` 8 against 49.9 ms at 4).
+``max_batch``), not everything queued, and a batch waits (``max_wait_ms``) only for that share
+to arrive: with 8 closed-loop clients on 2 slots the batches are at most 4. Taking the whole
+queue allowed 6 + 2 splits, and waited for ``max_batch`` requests that a closed loop of 8 never
+sends (Amazon Beauty, 8 clients: 200-228 req/s before, 229-241 after; p99 within run-to-run
+noise, see ``benchmarks/RESULTS.md``).
 
 If a batch fails, its requests are run again one by one, so that one bad request fails alone.
 """

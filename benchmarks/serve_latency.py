@@ -111,6 +111,8 @@ def main() -> None:
                         help="the server's wait for a batch to fill")
     parser.add_argument("--max-batch", type=int, default=8,
                         help="the server's dynamic batching limit (1: one request at a time)")
+    parser.add_argument("--pin-cpus", action="store_true",
+                        help="the server pins its processes to CPUs (kgrank serve --pin-cpus)")
     parser.add_argument("--no-explain", dest="explain", action="store_false",
                         help="requests without per-family explanations")
     parser.add_argument("--explain-method", choices=["path", "shap"], default="path",
@@ -194,7 +196,8 @@ def main() -> None:
                              "--port", str(port), "--candidates", str(n_top),
                              "--threads", str(args.threads), "--workers", str(args.workers),
                              "--max-batch", str(args.max_batch),
-                             "--max-wait-ms", str(args.max_wait_ms)],
+                             "--max-wait-ms", str(args.max_wait_ms),
+                             *(["--pin-cpus"] if args.pin_cpus else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -299,7 +302,7 @@ def main() -> None:
         "http_p99_ms": round(pct(http_lat, 99), 1), "http_max_ms": round(max(http_lat) * 1000, 1),
         "http_rps": round(args.requests / wall, 1), "errors": errors_in + errors_http,
         "threads": args.threads, "workers": args.workers, "max_batch": args.max_batch,
-        "max_wait_ms": args.max_wait_ms,
+        "max_wait_ms": args.max_wait_ms, "pin_cpus": args.pin_cpus,
         "batch_mean": round(batch_mean, 2), "client": args.client, "explain": args.explain,
         "explain_method": args.explain_method,
         **{f"batch{b}_ms": round(ms, 1) for b, ms in batch_ms.items()},

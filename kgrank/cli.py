@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "ranks in one batch (those that queued while it was busy; 1: no batching)")
     srv.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a worker waits "
                      "for a batch to fill before ranking it (0: never)")
+    srv.add_argument("--pin-cpus", action="store_true", help="pin the HTTP process and each "
+                     "ranking process to its own CPU (for a machine that serves only this)")
 
     cfg = sub.add_parser("config", help="show a resolved config or describe every field")
     csub = cfg.add_subparsers(dest="config_command", required=True)
@@ -323,7 +325,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not args.max_wait_ms >= 0:
         raise ConfigError(f"--max-wait-ms {args.max_wait_ms}: must be at least 0")
     serve(args.export_dir, args.host, args.port, args.candidates, max(1, args.threads),
-          args.workers, args.max_batch, args.max_wait_ms)
+          args.workers, args.max_batch, args.max_wait_ms, args.pin_cpus)
     return 0
 
 

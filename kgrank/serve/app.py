@@ -7,6 +7,7 @@ and ``/docs``. Invalid requests get 422 with ``{"error": "<field>: <problem>", "
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -169,20 +170,32 @@ SWITCH_INTERVAL_S = 0.0005
 
 def serve(export_dir: Path, host: str = "127.0.0.1", port: int = 8000,
           candidates: int | None = None, threads: int = 1, workers: int = 1,
-          max_batch: int = 8, max_wait_ms: float = 2.0) -> None:
+          max_batch: int = 8, max_wait_ms: float = 2.0, pin_cpus: bool = False) -> None:
     """Load the export and serve it with uvicorn until interrupted: one HTTP process whose
     searcher ranks on a thread, plus ``workers - 1`` ranking processes (one searcher each:
     memory times ``workers``; throughput scales with the cores). One queue feeds them all
-    (:mod:`kgrank.serve.batching`); ``max_batch`` and ``max_wait_ms``: see :func:`create_app`."""
+    (:mod:`kgrank.serve.batching`); ``max_batch`` and ``max_wait_ms``: see :func:`create_app`.
+    ``pin_cpus``: each process on its own CPU (:func:`kgrank.serve.rankers.serving_cpus`; for a
+    machine that serves only this)."""
     import uvicorn
 
     from kgrank.export.loader import load
-    from kgrank.serve.rankers import freeze_loaded, ranker_slots, stop, wait_ready
+    from kgrank.serve.rankers import (
+        freeze_loaded,
+        ranker_slots,
+        serving_cpus,
+        stop,
+        wait_ready,
+    )
 
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    cpus = serving_cpus(workers - 1) if pin_cpus else None
+    if cpus is not None:  # before loading: every thread started from here inherits it
+        os.sched_setaffinity(0, {cpus[0]})
     export = load(export_dir)  # fails here, once, on a bad export
-    rankers = ranker_slots(export_dir, workers - 1, candidates, threads)  # load meanwhile
+    rankers = ranker_slots(export_dir, workers - 1, candidates, threads,  # load meanwhile
+                           None if cpus is None else cpus[1:])
     try:
         app = create_app(Searcher(export, candidates=candidates, threads=threads), max_batch,
                          max_wait_ms, rankers)

@@ -27,11 +27,14 @@ _SEARCHER: Searcher | None = None
 """This ranking process's searcher (set by :func:`_load`)."""
 
 
-def _load(export_dir: str, candidates: int | None, threads: int) -> None:
+def _load(export_dir: str, candidates: int | None, threads: int, cpu: int | None = None
+          ) -> None:
     from kgrank.export.loader import load
 
     global _SEARCHER
     _exit_with_parent(os.getppid())
+    if cpu is not None:  # before loading: every thread started from here inherits it
+        os.sched_setaffinity(0, {cpu})
     _SEARCHER = Searcher(load(Path(export_dir)), candidates=candidates, threads=threads)
     freeze_loaded()
 
@@ -60,6 +63,22 @@ def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="kgrank-parent-watch", daemon=True).start()
 
 
+def serving_cpus(n_rankers: int) -> list[int]:
+    """The CPU of the HTTP process, then of each of ``n_rankers`` ranking processes, for
+    ``kgrank serve --pin-cpus``: this process's allowed CPUs in turn (wrapping around).
+
+    Pinned, a ranking process keeps its core and its caches; unpinned, the scheduler moved the
+    rankers, the HTTP process and the load threads between the 2 cores of the benchmark machine
+    (Amazon Beauty, 8 clients: p99 ~4 ms lower, ``benchmarks/RESULTS.md``)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return [cpus[i % len(cpus)] for i in range(n_rankers + 1)]
+
+
+def _cpus() -> list[int]:
+    """This process's allowed CPUs (a start-up check of pinning)."""
+    return sorted(os.sched_getaffinity(0))
+
+
 def _ready() -> int:
     """Number of items of the loaded searcher (a start-up check)."""
     assert _SEARCHER is not None
@@ -73,15 +92,19 @@ def search_many(batch: Sequence[SearchArgs]) -> list[SearchResult]:
     return _SEARCHER.search_many(batch)
 
 
-def ranker_slots(export_dir: Path, n: int, candidates: int | None = None, threads: int = 1
-                 ) -> list[Slot[SearchArgs, SearchResult]]:
+def ranker_slots(export_dir: Path, n: int, candidates: int | None = None, threads: int = 1,
+                 cpus: Sequence[int] | None = None) -> list[Slot[SearchArgs, SearchResult]]:
     """Start ``n`` ranking processes over ``export_dir`` (they load in the background:
-    :func:`wait_ready` blocks until they have)."""
+    :func:`wait_ready` blocks until they have); ``cpus``: the CPU each is pinned to (None: not
+    pinned)."""
+    if cpus is not None and len(cpus) != n:
+        raise ValueError(f"{len(cpus)} CPUs for {n} ranking processes")
     ctx = multiprocessing.get_context("spawn")
     slots: list[Slot[SearchArgs, SearchResult]] = []
-    for _ in range(n):
+    for i in range(n):
         executor = ProcessPoolExecutor(1, mp_context=ctx, initializer=_load, initargs=(
-            str(Path(export_dir).resolve()), candidates, threads))
+            str(Path(export_dir).resolve()), candidates, threads,
+            None if cpus is None else cpus[i]))
         executor.submit(_ready)  # starts the process, which loads its searcher
         slots.append((executor, search_many))
     return slots

@@ -4,6 +4,7 @@ the same queue."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -12,7 +13,14 @@ import pytest
 
 from kgrank.export import load
 from kgrank.serve.batching import MicroBatcher
-from kgrank.serve.rankers import ranker_slots, search_many, wait_ready
+from kgrank.serve.rankers import (
+    _cpus,
+    ranker_slots,
+    search_many,
+    serving_cpus,
+    stop,
+    wait_ready,
+)
 from kgrank.serve.searcher import Context, SearchArgs, Searcher, SearchResult
 from tests.export.tiny import TinyExport, tiny_export
 
@@ -48,6 +56,20 @@ def test_a_ranking_process_answers_as_the_local_searcher(tiny: TinyExport) -> No
         assert [h.score for h in got.hits] == pytest.approx([h.score for h in want.hits],
                                                             abs=1e-9)
         assert [h.why for h in got.hits] == [h.why for h in want.hits]
+
+
+def test_pinned_ranking_processes_run_on_their_cpu(tiny: TinyExport) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = serving_cpus(len(allowed) + 1)  # one more process than CPUs: wraps around
+    assert cpus == [allowed[i % len(allowed)] for i in range(len(allowed) + 2)]
+    slots = ranker_slots(tiny.export_dir, 1, cpus=[allowed[-1]])
+    try:
+        wait_ready(slots)
+        assert slots[0][0].submit(_cpus).result() == [allowed[-1]]
+    finally:
+        stop(slots)
+    with pytest.raises(ValueError, match="2 CPUs for 1"):
+        ranker_slots(tiny.export_dir, 1, cpus=[0, 0])
 
 
 def test_a_process_without_a_searcher_says_so() -> None:

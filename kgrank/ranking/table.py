@@ -134,9 +134,9 @@ def _similarities(emb: np.ndarray, items: np.ndarray, vecs: np.ndarray) -> np.nd
     request's similarities do not depend on the rest of its batch."""
     b, c = items.shape
     out = np.empty((b, c, vecs.shape[2]), dtype=np.float32)
-    step = max(1, SIM_ROWS // max(b, 1))
-    for lo in range(0, c, step):
-        out[:, lo : lo + step] = np.matmul(emb[items[:, lo : lo + step]], vecs)
+    for r in range(b):  # fixed chunks per request: the same products whatever the batch
+        for lo in range(0, c, SIM_ROWS):
+            out[r, lo : lo + SIM_ROWS] = emb[items[r, lo : lo + SIM_ROWS]] @ vecs[r]
     return out
 
 

@@ -44,9 +44,9 @@ def freeze_loaded() -> None:
 
     A loaded searcher is ~600,000 GC-tracked objects (the text encoder's modules, tokenizer,
     data frames), which live as long as the process. Every full collection walked them all:
-    ~300 ms with nothing else running (Beauty), and under load one came every ~8 s, stalling
-    the batch in progress and every request queued behind it. Frozen, they are never scanned;
-    requests' own garbage is still collected."""
+    250-320 ms (Beauty), and one ran in a serving process during a 2,000-request load test
+    (268 ms), stalling the batch in progress and every request queued behind it. Frozen, they
+    are never scanned; requests' own garbage is still collected."""
     gc.collect()
     gc.freeze()
 
@@ -71,7 +71,7 @@ def serving_cpus(n_rankers: int) -> list[int]:
     rankers, the HTTP process and the load threads between the 2 cores of the benchmark machine
     (Amazon Beauty, 8 clients: p99 49.9 / 51.6 ms pinned, 52.9-60.3 ms in 3 unpinned runs,
     ``benchmarks/RESULTS.md``)."""
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = _cpus()
     return [cpus[i % len(cpus)] for i in range(n_rankers + 1)]
 
 

@@ -42,3 +42,18 @@ def test_query_scores_are_minus_inf_without_a_query() -> None:
     mixed = feats.query_scores(np.array([0, 1, 2]))
     assert torch.isneginf(mixed[[0, 2]]).all()
     assert torch.allclose(mixed[1], torch.from_numpy(emb @ qemb[1]))
+
+
+def test_similarities_are_each_requests_own_in_any_batch() -> None:
+    from kgrank.ranking.table import SIM_ROWS, _similarities
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(50, 16)).astype(np.float32)
+    items = rng.integers(0, 50, (5, SIM_ROWS + 7))  # more than one chunk per request
+    vecs = rng.normal(size=(5, 16, 3)).astype(np.float32)
+    batch = _similarities(emb, items, vecs)
+    assert batch.shape == (5, SIM_ROWS + 7, 3) and batch.dtype == np.float32
+    np.testing.assert_allclose(batch, np.einsum("bcd,bdm->bcm", emb[items], vecs), rtol=1e-5,
+                               atol=1e-5)
+    for r in range(5):  # alone: the same bits
+        assert np.array_equal(_similarities(emb, items[r : r + 1], vecs[r : r + 1])[0], batch[r])

@@ -69,7 +69,8 @@ def serving_cpus(n_rankers: int) -> list[int]:
 
     Pinned, a ranking process keeps its core and its caches; unpinned, the scheduler moved the
     rankers, the HTTP process and the load threads between the 2 cores of the benchmark machine
-    (Amazon Beauty, 8 clients: p99 49.9 / 51.6 ms pinned, 52.9-60.3 ms in 3 unpinned runs,
+    (Amazon Beauty, 8 clients, runs of one series: p99 49.9 / 51.6 ms pinned, 52.9-60.3 ms in 3
+    unpinned runs; later pinned checks on a slower VM period 51.0-60.0 ms,
     ``benchmarks/RESULTS.md``)."""
     cpus = _cpus()
     return [cpus[i % len(cpus)] for i in range(n_rankers + 1)]

@@ -21,7 +21,7 @@ the recent peak demand to arrive (about the number of closed-loop clients, whose
 requests come back a moment later): with 8 clients on 2 slots the batches are 4 + 4. Taking
 the whole queue allowed 6 + 2 splits, and waited for ``max_batch`` requests that a closed loop
 of 8 never sends (Amazon Beauty, 8 clients: 200-228 req/s and mean batch 4.1 of uneven sizes
-before; 218-261 req/s and mean batch 3.9, at most 4, together with a cheaper request path,
+before; 216-261 req/s and mean batch 3.9, at most 4, together with a cheaper request path,
 ``benchmarks/RESULTS.md``).
 
 If a batch fails, its requests are run again one by one, so that one bad request fails alone.

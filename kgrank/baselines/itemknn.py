@@ -37,6 +37,9 @@ class ItemKNN:
         self.half_life = half_life
         self.sim = sp.csr_matrix((0, 0))
         self.user_weights = sp.csr_matrix((0, 0))
+        self._last: tuple[bytes, np.ndarray] | None = None
+        """The last call's users and scores: a transition model backed off to this model
+        scores the same rows right after it (:meth:`Transition.share_knn`)."""
 
     def fit(self, history: pd.DataFrame, n_users: int, n_items: int) -> ItemKNN:
         binary = binary_history(history, n_users, n_items)
@@ -44,5 +47,13 @@ class ItemKNN:
         self.user_weights = weighted_history(history, n_users, n_items, self.half_life)
         return self
 
+    def params(self) -> tuple[int, float, float]:
+        """What the fitted model depends on besides the history."""
+        return self.neighbors, self.shrink, self.half_life
+
     def score(self, users: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray((self.user_weights[users] @ self.sim).todense()))
+        key = np.asarray(users, np.int64).tobytes()
+        last = self._last
+        if last is None or last[0] != key:
+            last = self._last = (key, np.asarray((self.user_weights[users] @ self.sim).todense()))
+        return torch.from_numpy(last[1].copy())  # callers may write to theirs

@@ -11,6 +11,8 @@ chain part of FPMC (Rendle et al., WWW 2010), made blind to within-timestamp ord
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -78,8 +80,26 @@ class Transition:
             self.knn.fit(history, n_users, n_items)
         return self
 
+    def share_knn(self, knn: ItemKNN) -> bool:
+        """Back off to ``knn`` (fitted on the same history) when it has this model's back-off
+        parameters: the same model, so a batch that scores both computes it once (Amazon
+        Beauty: ~0.45 ms of a ~25 ms serving batch of 4). Returns whether it was shared."""
+        if self.backoff <= 0 or knn.params() != self.knn.params():
+            return False
+        self.knn = knn
+        return True
+
     def score(self, users: np.ndarray) -> torch.Tensor:
         scores = np.asarray((self.last[users] @ self.prob).todense())
         if self.backoff > 0:
             scores = scores + self.backoff * self.knn.score(users).numpy()
         return torch.from_numpy(scores)
+
+
+def share_backoff(models: Sequence[object]) -> None:
+    """Point each transition model's ItemKNN back-off at an ItemKNN among ``models`` with the
+    same parameters (all fitted on one history), so that a batch computes it once."""
+    knns = [m for m in models if isinstance(m, ItemKNN)]
+    for model in models:
+        if isinstance(model, Transition):
+            any(model.share_knn(knn) for knn in knns)

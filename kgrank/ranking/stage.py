@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from kgrank.baselines.transition import share_backoff
 from kgrank.config import RunConfig
 from kgrank.data.dataset import Dataset
 from kgrank.data.split import Part, Split
@@ -53,6 +54,7 @@ log = logging.getLogger("kgrank")
 
 FULL = "fusion+ltr"
 USER_INDEPENDENT = frozenset({"popularity"})
+
 """Baselines whose scores do not depend on the user (kept for cold-start requests)."""
 
 
@@ -248,6 +250,7 @@ class RankingStage:
 
         baselines = [(name, self._fitted(part, name, fit(make, params)))
                      for name, (make, params) in self.inputs.baselines.items()]
+        share_backoff([model for _, model in baselines])
         graph = []
         for name, res in self.inputs.graph.items():
             u, i = res.embeddings(part)

@@ -7,7 +7,7 @@ import scipy.sparse as sp
 from kgrank.baselines import ItemKNN, Popularity, RandomScores, Transition
 from kgrank.baselines.history import keep_top_per_row, time_groups_from_end
 from kgrank.baselines.itemknn import cosine_item_similarity
-from kgrank.baselines.transition import transition_counts
+from kgrank.baselines.transition import share_backoff, transition_counts
 from kgrank.config import EvalConfig, SplitConfig
 from kgrank.data.dataset import Dataset
 from kgrank.data.split import make_split
@@ -92,3 +92,32 @@ def test_sequence_models_beat_popularity_on_sequential_data(seq_dataset: Dataset
         ndcg[name] = evaluate(model.score, split, "test", cfg, progress=False).metrics["ndcg@10"]
     assert ndcg["trans"] >= ndcg["knn"] > ndcg["pop"] + 0.3
     assert ndcg["trans"] > 0.5
+
+
+def test_itemknn_scores_repeated_rows_once_and_hands_out_copies() -> None:
+    h = _hist([(0, 0, 0), (0, 1, 1), (1, 1, 0), (1, 2, 2), (2, 0, 1), (2, 2, 3)])
+    model = ItemKNN(neighbors=0, shrink=0.0, half_life=1.0).fit(h, 3, 3)
+    users = np.array([0, 2])
+    first = model.score(users)
+    expected = first.clone()
+    first.fill_(-1.0)  # a caller writing to its scores does not change the next caller's
+    again = model.score(users.copy())
+    assert np.array_equal(again.numpy(), expected.numpy())
+    other = model.score(np.array([1]))  # other rows: computed afresh
+    assert np.array_equal(other.numpy(), np.asarray((model.user_weights[[1]] @ model.sim)
+                                                     .todense()))
+
+
+def test_transition_shares_an_itemknn_backoff_with_the_same_parameters() -> None:
+    h = _hist([(0, 0, 0), (0, 1, 1), (1, 1, 0), (1, 2, 2), (2, 0, 1), (2, 2, 3), (2, 1, 5)])
+    users = np.array([0, 1, 2])
+    alone = Transition(backoff=0.3, knn_neighbors=0, knn_half_life=2.0).fit(h, 3, 3)
+    expected = alone.score(users).numpy()
+    same = ItemKNN(neighbors=0, half_life=2.0).fit(h, 3, 3)
+    other = ItemKNN(neighbors=0, half_life=5.0).fit(h, 3, 3)
+    share_backoff([other, alone, same])
+    assert alone.knn is same  # the one with its parameters, not the other
+    assert np.array_equal(alone.score(users).numpy(), expected)
+    lone = Transition(backoff=0.3, knn_neighbors=0, knn_half_life=7.0).fit(h, 3, 3)
+    share_backoff([lone, same, other])
+    assert lone.knn is not same and lone.knn is not other

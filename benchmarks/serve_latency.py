@@ -55,22 +55,34 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values) * 1000, q))
 
 
-N_CALIBRATE = 20
+N_CALIBRATE = 100
 """Requests the calibration replays; the measured in-process requests start after them (their
 queries are in the cache by then)."""
 
 
 def calibrate(searcher: Searcher, bodies: list[dict[str, Any]], target: int, base: int) -> int:
-    """The per-source top-N whose mean candidate count is closest to ``target``."""
-    best, best_gap = base, float("inf")
-    for n in sorted({base, base * 2, base * 3, base * 4, base * 5, base * 6}):
-        searcher.stage.rc = searcher.stage.rc.model_copy(update={"candidates": n})
-        sizes = [run_one(searcher, b).n_candidates for b in bodies[:N_CALIBRATE]]
-        gap = abs(float(np.mean(sizes)) - target)
-        if gap < best_gap:
-            best, best_gap = n, gap
-    searcher.stage.rc = searcher.stage.rc.model_copy(update={"candidates": best})
-    return best
+    """The smallest per-source top-N whose mean candidate count (over the first
+    ``N_CALIBRATE`` requests) reaches ``target``: the union of the sources' top-N lists grows
+    with N, so a bisection finds it (a grid of multiples of the run's N left Amazon Beauty at
+    ~1,100 candidates)."""
+    means: dict[int, float] = {}
+
+    def mean_size(n: int) -> float:
+        if n not in means:
+            searcher.stage.rc = searcher.stage.rc.model_copy(update={"candidates": n})
+            means[n] = float(np.mean([run_one(searcher, b).n_candidates
+                                      for b in bodies[:N_CALIBRATE]]))
+        return means[n]
+
+    hi = max(base, 1)
+    while mean_size(hi) < target and hi < 64 * max(base, 1):
+        hi *= 2
+    lo = 1
+    while lo < hi:  # the smallest N whose mean reaches the target
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if mean_size(mid) < target else (lo, mid)
+    searcher.stage.rc = searcher.stage.rc.model_copy(update={"candidates": lo})
+    return lo
 
 
 def args_of(body: dict[str, Any]) -> SearchArgs:

@@ -218,12 +218,13 @@ def generate_candidates(
             n_hit = torch.zeros((b, n_items), dtype=torch.int16)
             tops: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
             for name in names:
-                if not (full[name] > -torch.inf).any():  # proposes nothing (e.g. no query)
-                    tops[name] = None
-                    continue
                 # Columns in the random order, so topk's choice among ties ignores item ids.
                 masked = full[name].index_select(1, perm)
                 masked.nan_to_num_(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+                # proposes nothing (e.g. no query): no top-N (a max, not a [b, n_items] compare)
+                if masked.numel() == 0 or not bool(masked.amax() > -torch.inf):
+                    tops[name] = None
+                    continue
                 if exclude is not None:
                     masked[ex_rows, ex_cols] = -torch.inf
                 vals, pos = torch.topk(masked, top, dim=1)

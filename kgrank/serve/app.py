@@ -17,19 +17,13 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 import kgrank
 from kgrank.serve.batching import MicroBatcher, Slot, thread_slot
-from kgrank.serve.schemas import (
-    MAX_K,
-    HealthOut,
-    HitOut,
-    SearchIn,
-    SearchOut,
-    SimilarOut,
-)
-from kgrank.serve.searcher import Context, Filters, Hit, SearchArgs, Searcher, SearchResult
+from kgrank.serve.responses import answering, hit_out
+from kgrank.serve.schemas import MAX_K, HealthOut, SearchIn, SearchOut, SimilarOut
+from kgrank.serve.searcher import Context, Filters, Hit, SearchArgs, Searcher
 
 
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -55,7 +49,7 @@ def _unprocessable(field: str, msg: str) -> HTTPException:
 
 
 def create_app(searcher: Searcher, max_batch: int = 8, max_wait_ms: float = 2.0,
-               rankers: Sequence[Slot[SearchArgs, SearchResult]] = ()) -> FastAPI:
+               rankers: Sequence[Slot[SearchArgs, bytes]] = ()) -> FastAPI:
     """The API over one :class:`Searcher`.
 
     ``/search`` requests are ranked in batches (:class:`~kgrank.serve.batching.MicroBatcher`:
@@ -64,7 +58,8 @@ def create_app(searcher: Searcher, max_batch: int = 8, max_wait_ms: float = 2.0,
     this process and by the extra ``rankers`` (ranking processes,
     :func:`kgrank.serve.rankers.ranker_slots`: one per further core). The other endpoints run
     in FastAPI's thread pool (the searcher's per-part state is read-only after start-up and
-    its query caches lock themselves)."""
+    its query caches lock themselves). Rankers answer with the JSON bytes of the
+    :class:`SearchOut` (:mod:`kgrank.serve.responses`)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -73,9 +68,9 @@ def create_app(searcher: Searcher, max_batch: int = 8, max_wait_ms: float = 2.0,
     app = FastAPI(title="kgrank", version=kgrank.__version__, lifespan=lifespan,
                   description="Knowledge-graph-augmented multimodal search and recommendation.")
     manifest = searcher.export.manifest
-    batcher: MicroBatcher[SearchArgs, SearchResult] = MicroBatcher(
+    batcher: MicroBatcher[SearchArgs, bytes] = MicroBatcher(
         max_batch=max_batch, max_wait_ms=max_wait_ms,
-        slots=[thread_slot(searcher.search_many), *rankers])
+        slots=[thread_slot(answering(searcher.search_many)), *rankers])
     app.state.batcher = batcher
     devices, locations = set(searcher.devices), set(searcher.locations)
 
@@ -91,11 +86,6 @@ def create_app(searcher: Searcher, max_batch: int = 8, max_wait_ms: float = 2.0,
         msg = _message(detail) if isinstance(detail, list) else str(detail)
         return JSONResponse({"error": msg, "detail": detail}, status_code=exc.status_code)
 
-    def hit_out(h: Hit) -> HitOut:
-        url = f"/items/{h.item_id}/image" if h.image else None
-        return HitOut(item_id=h.item_id, score=h.score, title=h.title, image_url=url,
-                      price=h.price, why=h.why, reasons=h.reasons)
-
     @app.get("/healthz", response_model=HealthOut)
     def healthz() -> HealthOut:
         return HealthOut(status="ok", items=manifest.n_items, users=manifest.n_users,
@@ -110,7 +100,7 @@ def create_app(searcher: Searcher, max_batch: int = 8, max_wait_ms: float = 2.0,
                 "users": list(searcher.user_row)[:50], "max_k": MAX_K}
 
     @app.post("/search", response_model=SearchOut)
-    async def search(body: SearchIn) -> SearchOut:
+    async def search(body: SearchIn) -> Response:
         ctx = body.context
         if ctx is not None and ctx.device is not None and ctx.device not in devices:
             raise _unprocessable("context.device", f"unknown device {ctx.device!r}; known: "
@@ -126,12 +116,9 @@ def create_app(searcher: Searcher, max_batch: int = 8, max_wait_ms: float = 2.0,
             None if ctx.time is None else int(ctx.time.timestamp()), ctx.device, ctx.location)
         filters = None if f is None else Filters(f.category, f.brand, f.min_price, f.max_price)
         # ranked by the next free ranker, in a batch with the requests that queued meanwhile
-        res = await batcher.submit(SearchArgs(body.user_id, body.query, context, body.k,
-                                              filters, body.explain, body.explain_method))
-        return SearchOut(results=[hit_out(h) for h in res.hits], user_known=res.user_known,
-                         cold_start=not res.user_known, n_candidates=res.n_candidates,
-                         timings_ms={k: round(v * 1000, 3) for k, v in res.timings.items()},
-                         batch_size=res.batch_size)
+        answer = await batcher.submit(SearchArgs(body.user_id, body.query, context, body.k,
+                                                 filters, body.explain, body.explain_method))
+        return Response(answer, media_type="application/json")  # a SearchOut, serialised
 
     @app.get("/items/{item_id}/similar", response_model=SimilarOut)
     def similar(item_id: str, k: int = Query(10, ge=1, le=MAX_K)) -> SimilarOut:

@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from kgrank.serve.batching import Slot
+from kgrank.serve.responses import answering
 from kgrank.serve.searcher import SearchArgs, Searcher, SearchResult
 
 _SEARCHER: Searcher | None = None
@@ -94,25 +95,31 @@ def search_many(batch: Sequence[SearchArgs]) -> list[SearchResult]:
     return _SEARCHER.search_many(batch)
 
 
+def search_many_json(batch: Sequence[SearchArgs]) -> list[bytes]:
+    """:func:`search_many` answered with the JSON bytes of the API
+    (:mod:`kgrank.serve.responses`)."""
+    return answering(search_many)(batch)
+
+
 def ranker_slots(export_dir: Path, n: int, candidates: int | None = None, threads: int = 1,
-                 cpus: Sequence[int] | None = None) -> list[Slot[SearchArgs, SearchResult]]:
+                 cpus: Sequence[int] | None = None) -> list[Slot[SearchArgs, bytes]]:
     """Start ``n`` ranking processes over ``export_dir`` (they load in the background:
     :func:`wait_ready` blocks until they have); ``cpus``: the CPU each is pinned to (None: not
-    pinned)."""
+    pinned). They answer with JSON bytes (:func:`search_many_json`)."""
     if cpus is not None and len(cpus) != n:
         raise ValueError(f"{len(cpus)} CPUs for {n} ranking processes")
     ctx = multiprocessing.get_context("spawn")
-    slots: list[Slot[SearchArgs, SearchResult]] = []
+    slots: list[Slot[SearchArgs, bytes]] = []
     for i in range(n):
         executor = ProcessPoolExecutor(1, mp_context=ctx, initializer=_load, initargs=(
             str(Path(export_dir).resolve()), candidates, threads,
             None if cpus is None else cpus[i]))
         executor.submit(_ready)  # starts the process, which loads its searcher
-        slots.append((executor, search_many))
+        slots.append((executor, search_many_json))
     return slots
 
 
-def wait_ready(slots: Sequence[Slot[SearchArgs, SearchResult]]) -> None:
+def wait_ready(slots: Sequence[Slot[SearchArgs, bytes]]) -> None:
     """Block until every ranking process has loaded its searcher; a failure to load raises here
     (and stops them all)."""
     try:
@@ -123,7 +130,7 @@ def wait_ready(slots: Sequence[Slot[SearchArgs, SearchResult]]) -> None:
         raise
 
 
-def stop(slots: Sequence[Slot[SearchArgs, SearchResult]]) -> None:
+def stop(slots: Sequence[Slot[SearchArgs, bytes]]) -> None:
     """Stop ranking processes without waiting for them (a failed start-up)."""
     for executor, _ in slots:
         executor.shutdown(wait=False, cancel_futures=True)

@@ -70,8 +70,8 @@ class SearchOut(BaseModel):
     user_known: bool
     cold_start: bool
     n_candidates: int
-    timings_ms: dict[str, float] = Field(description="Milliseconds per step (the batch's, "
-                                         "except explain).")
+    timings_ms: dict[str, float] = Field(description="Milliseconds per step, the whole batch's "
+                                         "(see batch_size).")
     batch_size: int = Field(1, description="Requests the server ranked together with this one.")
 
 

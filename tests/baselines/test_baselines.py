@@ -6,7 +6,7 @@ import scipy.sparse as sp
 
 from kgrank.baselines import ItemKNN, Popularity, RandomScores, Transition
 from kgrank.baselines.history import keep_top_per_row, time_groups_from_end
-from kgrank.baselines.itemknn import cosine_item_similarity
+from kgrank.baselines.itemknn import MEMO_ROWS, cosine_item_similarity
 from kgrank.baselines.transition import share_backoff, transition_counts
 from kgrank.config import EvalConfig, SplitConfig
 from kgrank.data.dataset import Dataset
@@ -106,6 +106,9 @@ def test_itemknn_scores_repeated_rows_once_and_hands_out_copies() -> None:
     other = model.score(np.array([1]))  # other rows: computed afresh
     assert np.array_equal(other.numpy(), np.asarray((model.user_weights[[1]] @ model.sim)
                                                      .todense()))
+    big = np.zeros(MEMO_ROWS + 1, dtype=np.int64)  # a training-size batch is not kept
+    assert np.array_equal(model.score(big).numpy()[0], expected.numpy()[0])
+    assert model._last is not None and model._last[0] == np.array([1]).tobytes()
 
 
 def test_transition_shares_an_itemknn_backoff_with_the_same_parameters() -> None:

@@ -102,4 +102,6 @@ def share_backoff(models: Sequence[object]) -> None:
     knns = [m for m in models if isinstance(m, ItemKNN)]
     for model in models:
         if isinstance(model, Transition):
-            any(model.share_knn(knn) for knn in knns)
+            for knn in knns:
+                if model.share_knn(knn):
+                    break

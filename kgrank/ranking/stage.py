@@ -54,7 +54,6 @@ log = logging.getLogger("kgrank")
 
 FULL = "fusion+ltr"
 USER_INDEPENDENT = frozenset({"popularity"})
-
 """Baselines whose scores do not depend on the user (kept for cold-start requests)."""
 
 

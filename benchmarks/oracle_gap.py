@@ -32,17 +32,8 @@ import numpy as np
 from kgrank.data.dataset import load_dataset
 from kgrank.data.demo import TERMS, DemoOracle, oracle_requests
 from kgrank.export import load
+from kgrank.pipeline import oracle_result
 from kgrank.serve.searcher import Searcher
-
-
-def ndcg_at(scores: np.ndarray, target: np.ndarray, seen_rows: np.ndarray,
-            seen_items: np.ndarray, k: int = 10) -> np.ndarray:
-    """Per-request NDCG@k of one target over the full catalogue, history items masked."""
-    s = scores.astype(np.float64)
-    s[seen_rows, seen_items] = -np.inf
-    t = s[np.arange(len(s)), target]
-    rank = (s > t[:, None]).sum(1)
-    return np.where(rank < k, 1.0 / np.log2(rank + 2), 0.0)
 
 
 def main() -> None:
@@ -65,19 +56,17 @@ def main() -> None:
     split = searcher.split
     targets = split.test.sort_values("user_idx", kind="stable")
     requests = oracle_requests(dataset.interactions, targets["event_row"].to_numpy())
-    target = targets["item_idx"].to_numpy()
     users = targets["user_idx"].to_numpy()
-    history = split.history("test")
-    row_of_user = np.full(split.n_users, -1)
-    row_of_user[users] = np.arange(len(users))
-    h_rows = row_of_user[history["user_idx"].to_numpy()]
-    keep = h_rows >= 0
-    seen = (h_rows[keep], history["item_idx"].to_numpy()[keep])
 
-    # 1. the oracle with and without each term, full ranking
-    full = ndcg_at(oracle.score(requests), target, *seen).mean()
-    without = {t: ndcg_at(oracle.score(requests, without=[t]), target, *seen).mean()
-               for t in TERMS}
+    # 1. the oracle with and without each term: the run's evaluator (full ranking, history
+    # masked, ties broken by its fixed item permutation)
+    def oracle_ndcg(without: tuple[str, ...] = ()) -> float:
+        result = oracle_result(dataset, split, searcher.cfg, without)
+        assert result is not None  # the dataset has an oracle (loaded above)
+        return float(result.metrics["ndcg@10"])
+
+    full = oracle_ndcg()
+    without = {t: oracle_ndcg((t,)) for t in TERMS}
 
     # 2. the ranker's features on a sample of test requests: what they explain of each term
     stage = searcher.stage

@@ -16,7 +16,7 @@ import json
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,8 +82,10 @@ def baseline_searches(cfg: RunConfig) -> dict[str, tuple[Callable[..., Any], dic
     }
 
 
-def oracle_result(dataset: Dataset, split: Split, cfg: RunConfig) -> EvalResult | None:
-    """The demo shop's ground-truth scorer on the test requests: an upper bound for any model."""
+def oracle_result(dataset: Dataset, split: Split, cfg: RunConfig,
+                  without: Collection[str] = ()) -> EvalResult | None:
+    """The demo shop's ground-truth scorer on the test requests: an upper bound for any model
+    (``without``: oracle terms left out, see :meth:`DemoOracle.score`)."""
     from kgrank.data.demo import DemoOracle, has_oracle, oracle_requests
 
     if not has_oracle(dataset.root):
@@ -94,9 +96,11 @@ def oracle_result(dataset: Dataset, split: Split, cfg: RunConfig) -> EvalResult 
     requests.index = test["user_idx"].to_numpy()
 
     def score(users: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(oracle.score(requests.loc[users].reset_index(drop=True)))
+        return torch.from_numpy(oracle.score(requests.loc[users].reset_index(drop=True),
+                                             without=without))
 
-    return evaluate(score, split, "test", cfg.eval, name="oracle", progress=False)
+    name = "oracle" + "".join(f" -{t}" for t in without)
+    return evaluate(score, split, "test", cfg.eval, name=name, progress=False)
 
 
 def run_baselines(cfg: RunConfig, split: Split, progress: bool) -> list[Tuned]:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from kgrank.config import RunConfig
 from kgrank.data.dataset import Dataset, load_dataset
 from kgrank.data.demo import (
     COLOURS,
@@ -27,6 +28,8 @@ from kgrank.data.demo import (
     oracle_requests,
     tokenize,
 )
+from kgrank.data.split import make_split
+from kgrank.pipeline import oracle_result
 
 SMALL = DemoConfig(n_users=300, n_items=200, seed=0)  # structure: schema, sessions, images
 SHOP = DemoConfig(n_users=600, seed=0)  # statistics: the default catalogue, fewer users
@@ -488,3 +491,16 @@ def test_cart_rate_follows_the_oracle_score(shop: Dataset, shop_oracle: DemoOrac
     for part in (high, ~high):
         assert abs(observed[part].mean() - expected[part].mean()) < 0.03
     assert observed[high].mean() > observed[~high].mean() + 0.1
+
+
+def test_oracle_result_without_a_term(demo: Dataset) -> None:
+    """The pipeline's oracle row, and the same with a term left out (benchmarks/oracle_gap.py):
+    leaving out the dominant leaf-taste term lowers the test NDCG@10 and names the row."""
+    cfg = RunConfig.model_validate({"name": "t", "data": {"path": str(demo.root)},
+                                    "eval": {"bootstrap": 0}})
+    split = make_split(demo, cfg.data.split)
+    full = oracle_result(demo, split, cfg)
+    ablated = oracle_result(demo, split, cfg, without=("category",))
+    assert full is not None and ablated is not None
+    assert (full.name, ablated.name) == ("oracle", "oracle -category")
+    assert ablated.metrics["ndcg@10"] < full.metrics["ndcg@10"]

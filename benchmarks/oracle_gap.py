@@ -5,8 +5,12 @@ favourite brands, colour and pattern preference, price fit, hidden cluster, regi
 leaf transition, quality, query match). For the exported run's test requests this script
 
 1. ranks the whole catalogue with the oracle and with the oracle minus one term at a time
-   (NDCG@10: how much each term matters for the ranking), and
-2. for a sample of test requests, regresses each term's value on the candidates, centred within
+   (NDCG@10: how much each term matters for the ranking),
+2. ranks it with the persona-level oracle (:meth:`DemoOracle.persona_level`): every item
+   parameter, context term and the user's persona known, the user's own deviations from the
+   persona not; then with each family of the user's own parameters put back in turn. A learner
+   that pools users into segments cannot be expected to beat the persona-level oracle;
+3. for a sample of test requests, regresses each term's value on the candidates, centred within
    each request (only the order inside a request matters), on the ranker's own feature table
    (a LightGBM regressor fitted on 2/3 of the sampled requests, scored on the other 1/3):
    the unexplained within-request variance is what the features do not tell about that term.
@@ -32,8 +36,12 @@ import numpy as np
 from kgrank.data.dataset import load_dataset
 from kgrank.data.demo import TERMS, DemoOracle, oracle_requests
 from kgrank.export import load
-from kgrank.pipeline import oracle_result
+from kgrank.pipeline import evaluate_oracle
 from kgrank.serve.searcher import Searcher
+
+PERSONA_PARAMS = ("user_log_taste", "user_brand", "user_colour", "user_pattern",
+                  "user_price_band", "user_cluster")
+"""The per-user preference parameters that :meth:`DemoOracle.persona_level` pools."""
 
 
 def main() -> None:
@@ -58,15 +66,19 @@ def main() -> None:
     requests = oracle_requests(dataset.interactions, targets["event_row"].to_numpy())
     users = targets["user_idx"].to_numpy()
 
-    # 1. the oracle with and without each term: the run's evaluator (full ranking, history
-    # masked, ties broken by its fixed item permutation)
-    def oracle_ndcg(without: tuple[str, ...] = ()) -> float:
-        result = oracle_result(dataset, split, searcher.cfg, without)
-        assert result is not None  # the dataset has an oracle (loaded above)
+    # 1. the oracle with and without each term, and the persona-level oracle (with each
+    # family of the user's own preferences put back in turn): the run's evaluator (full
+    # ranking, history masked, ties broken by its fixed item permutation)
+    def oracle_ndcg(model: DemoOracle, without: tuple[str, ...] = ()) -> float:
+        result = evaluate_oracle(model, dataset, split, searcher.cfg, without)
         return float(result.metrics["ndcg@10"])
 
-    full = oracle_ndcg()
-    without = {t: oracle_ndcg((t,)) for t in TERMS}
+    full = oracle_ndcg(oracle)
+    without = {t: oracle_ndcg(oracle, (t,)) for t in TERMS}
+    level = oracle.persona_level(dataset.users["age"].to_numpy())
+    pooled = oracle_ndcg(level)
+    own = {key: oracle_ndcg(DemoOracle({**level.params, key: oracle.params[key]}, oracle.meta))
+           for key in PERSONA_PARAMS}
 
     # 2. the ranker's features on a sample of test requests: what they explain of each term
     stage = searcher.stage
@@ -103,11 +115,18 @@ def main() -> None:
         weight = f"{oracle.weights[term]:g}" if term in oracle.weights else ""
         drop = f"{without[term]:.4f}" if term in without else f"{full:.4f} (all terms)"
         print(f"| {term} | {weight} | {drop} | {var:.3f} | {res:.3f} | {1 - res / var:.3f} |")
+    print(f"\nPersona-level oracle (every item parameter, context term and user's persona "
+          f"known; no individual deviations): NDCG@10 {pooled:.4f} = {pooled / full:.3f}x the "
+          "oracle")
+    print("\n| the user's own parameter put back | oracle NDCG@10 |\n|---|---|")
+    for key, value in own.items():
+        print(f"| {key} | {value:.4f} |")
     print(f"\n{len(rows)} requests, {len(x):,} candidate rows x {len(names)} features; "
           f"{time.perf_counter() - t0:.0f} s")
     worst = max(table[:-1], key=lambda r: r[2])
     all_var, all_res = table[-1][1], table[-1][2]
-    print(f"RESULT oracle_gap oracle_ndcg10={full:.4f} requests={len(rows)} "
+    print(f"RESULT oracle_gap oracle_ndcg10={full:.4f} persona_oracle_ndcg10={pooled:.4f} "
+          f"persona_ratio={pooled / full:.3f} requests={len(rows)} "
           f"features={len(names)} r2_all={1 - all_res / all_var:.3f} "
           f"unexplained_all={all_res:.3f} worst_term={worst[0]} "
           f"worst_unexplained={worst[2]:.3f} "

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from kgrank.eval.report import (
 )
 from kgrank.io import staged_dir
 from kgrank.memory import release_free_memory
+
+if TYPE_CHECKING:
+    from kgrank.data.demo import DemoOracle
 
 log = logging.getLogger("kgrank")
 
@@ -85,12 +88,20 @@ def baseline_searches(cfg: RunConfig) -> dict[str, tuple[Callable[..., Any], dic
 def oracle_result(dataset: Dataset, split: Split, cfg: RunConfig,
                   without: Collection[str] = ()) -> EvalResult | None:
     """The demo shop's ground-truth scorer on the test requests: an upper bound for any model
-    (``without``: oracle terms left out, see :meth:`DemoOracle.score`)."""
-    from kgrank.data.demo import DemoOracle, has_oracle, oracle_requests
+    (``without``: oracle terms left out, see :meth:`DemoOracle.score`); None without an oracle."""
+    from kgrank.data.demo import DemoOracle, has_oracle
 
     if not has_oracle(dataset.root):
         return None
-    oracle = DemoOracle.load(dataset.root)
+    return evaluate_oracle(DemoOracle.load(dataset.root), dataset, split, cfg, without)
+
+
+def evaluate_oracle(oracle: DemoOracle, dataset: Dataset, split: Split, cfg: RunConfig,
+                    without: Collection[str] = (), name: str = "oracle") -> EvalResult:
+    """Test metrics of a demo oracle (or a variant of one, e.g. :meth:`DemoOracle.persona_level`)
+    through the run's evaluator; ``without`` terms are left out and appended to ``name``."""
+    from kgrank.data.demo import oracle_requests
+
     test = split.test.drop_duplicates("user_idx", keep="last")
     requests = oracle_requests(dataset.interactions, test["event_row"].to_numpy())
     requests.index = test["user_idx"].to_numpy()
@@ -99,7 +110,7 @@ def oracle_result(dataset: Dataset, split: Split, cfg: RunConfig,
         return torch.from_numpy(oracle.score(requests.loc[users].reset_index(drop=True),
                                              without=without))
 
-    name = "oracle" + "".join(f" -{t}" for t in without)
+    name += "".join(f" -{t}" for t in without)
     return evaluate(score, split, "test", cfg.eval, name=name, progress=False)
 
 

@@ -287,6 +287,8 @@ SESSION_GAP_S = 900  # minimum seconds between two session starts of one user
 ITEM_SLOT_S = 120  # seconds between the click slots of one session (click j at start + j slots)
 MAX_CLICKS = 6  # most clicks per session: all events of a session end before SESSION_GAP_S
 PRICE_FIT_CAP = 4.0  # price_fit is clipped at -PRICE_FIT_CAP
+AGE_BAND_SLOPE = 0.015  # a user's price band rises by this per year of age ...
+AGE_BAND_CENTRE = 42.0  # ... around this age
 ORACLE_FORMAT = "kgrank-demo-oracle"
 ORACLE_VERSION = 2  # 2: personas, multi-click sessions, previous item = last before the session
 PARAMS_FILE = "oracle/params.safetensors"
@@ -441,6 +443,48 @@ class DemoOracle:
         """The oracle as ``{relative path: bytes}`` for :func:`write_dataset`'s ``files``."""
         meta = json.dumps(self.meta, indent=1, sort_keys=True).encode()
         return {PARAMS_FILE: st_save(dict(sorted(self.params.items()))), CONFIG_FILE: meta}
+
+    def persona_level(self, ages: np.ndarray) -> DemoOracle:
+        """The oracle with each user's own preferences replaced by their persona's: what a model
+        could reach that knew every item's parameters, the context terms and each user's persona
+        exactly, but none of the user's individual deviations.
+
+        Per persona (``user_persona``): the mean leaf taste (in probability space), the share of
+        members with each favourite brand (the expected brand term), the mean colour and pattern
+        preferences, the most common collaborative cluster, and the mean price band net of the
+        age effect, to which each user's own age (``ages``, observed in the users table) is
+        added back. An analysis tool (``benchmarks/oracle_gap.py``): a bound for learners that
+        pool users into segments.
+        """
+        p = self.params
+        persona = p["user_persona"].astype(np.int64)
+        ages = np.asarray(ages, dtype=np.float64)
+        if ages.shape != persona.shape:
+            raise ValueError(f"ages has shape {ages.shape}, expected {persona.shape}")
+        n_p = int(persona.max()) + 1
+        size = np.bincount(persona, minlength=n_p).astype(np.float64)
+
+        def mean(values: np.ndarray) -> np.ndarray:
+            total = np.zeros((n_p, *values.shape[1:]), np.float64)
+            np.add.at(total, persona, values)
+            return total / np.maximum(size, 1).reshape(-1, *([1] * (values.ndim - 1)))
+
+        age_effect = AGE_BAND_SLOPE * (ages - AGE_BAND_CENTRE)
+        cluster = np.array([np.bincount(p["user_cluster"][persona == k]).argmax()
+                            if size[k] else 0 for k in range(n_p)])
+        taste = mean(np.exp(p["user_log_taste"].astype(np.float64)))
+        taste[size == 0] = 1.0  # personas without users (never read): no log(0)
+        params = {
+            **p,
+            "user_log_taste": np.log(taste)[persona].astype(np.float32),
+            "user_brand": mean(p["user_brand"])[persona].astype(np.float32),
+            "user_colour": mean(p["user_colour"])[persona].astype(np.float32),
+            "user_pattern": mean(p["user_pattern"])[persona].astype(np.float32),
+            "user_price_band": (mean(p["user_price_band"] - age_effect)[persona]
+                                + age_effect).astype(np.float32),
+            "user_cluster": cluster[persona].astype(p["user_cluster"].dtype),
+        }
+        return DemoOracle(params, self.meta)
 
     # -- encoding of requests ------------------------------------------------------------------
 
@@ -840,7 +884,8 @@ def _make_users(
     pattern_pref = (p_pattern[persona]
                     + rng.normal(0.0, cfg.pref_noise, (nu, len(PATTERNS)))).astype(np.float32)
     age = np.clip(np.round(p_age[persona] + rng.normal(0.0, 8.0, nu)), 18, 75)
-    band = (p_band[persona] + 0.015 * (age - 42) + rng.normal(0.0, 0.1, nu)).astype(np.float32)
+    band = (p_band[persona] + AGE_BAND_SLOPE * (age - AGE_BAND_CENTRE)
+            + rng.normal(0.0, 0.1, nu)).astype(np.float32)
     city_w = np.array(CITY_WEIGHTS[: cfg.n_cities])
     home = rng.choice(cfg.n_cities, size=nu, p=city_w / city_w.sum()).astype(np.int32)
     in_persona_cluster = rng.random(nu) < cfg.persona_cluster_prob

@@ -15,6 +15,8 @@ from PIL import Image
 from kgrank.config import RunConfig
 from kgrank.data.dataset import Dataset, load_dataset
 from kgrank.data.demo import (
+    AGE_BAND_CENTRE,
+    AGE_BAND_SLOPE,
     COLOURS,
     CONFIG_FILE,
     DEPARTMENTS,
@@ -458,6 +460,35 @@ def test_users_are_personas_plus_small_noise(shop_oracle: DemoOracle) -> None:
     taste = np.sort(np.exp(p["user_log_taste"].astype(np.float64)), axis=1)[:, ::-1]
     assert np.allclose(taste.sum(axis=1), 1.0, atol=1e-4)
     assert taste[:, :5].sum(axis=1).mean() > 0.6
+
+
+def test_persona_level_oracle(shop: Dataset, shop_oracle: DemoOracle,
+                              shop_clicks: pd.DataFrame, shop_requests: pd.DataFrame,
+                              clicked_before: np.ndarray) -> None:
+    """Users of one persona share every preference but the age-driven price band; knowing only
+    the persona ranks well, below the oracle that knows each user's own preferences."""
+    ages = shop.users["age"].to_numpy()
+    level = shop_oracle.persona_level(ages)
+    p, q = shop_oracle.params, level.params
+    persona = p["user_persona"]
+    for key in ("user_log_taste", "user_brand", "user_colour", "user_pattern", "user_cluster"):
+        for k in np.unique(persona):
+            rows = q[key][persona == k]
+            assert (rows == rows[0]).all(), key
+    net = q["user_price_band"] - AGE_BAND_SLOPE * (ages - AGE_BAND_CENTRE)
+    for k in np.unique(persona):
+        assert np.allclose(net[persona == k], net[persona == k][0], atol=1e-5)
+    # expected brand term: the share of members who hold each favourite brand
+    k = int(np.bincount(persona).argmax())
+    assert np.allclose(q["user_brand"][persona == k][0], p["user_brand"][persona == k].mean(0))
+    assert {t: p[t] for t in p if not t.startswith("user_")}.keys() <= q.keys()
+    assert all(np.array_equal(p[t], q[t]) for t in p if t.startswith("item_"))
+    target = shop_clicks["item_idx"].to_numpy()
+    full = ndcg10(shop_oracle.score(shop_requests), target, clicked_before)
+    pooled = ndcg10(level.score(shop_requests), target, clicked_before)
+    assert 0.5 * full < pooled < 0.97 * full
+    with pytest.raises(ValueError, match="ages"):
+        shop_oracle.persona_level(ages[:-1])
 
 
 def test_position_bias(shop: Dataset) -> None:

@@ -34,14 +34,10 @@ import lightgbm as lgb
 import numpy as np
 
 from kgrank.data.dataset import load_dataset
-from kgrank.data.demo import TERMS, DemoOracle, oracle_requests
+from kgrank.data.demo import TERMS, USER_PREFERENCES, DemoOracle, oracle_requests
 from kgrank.export import load
 from kgrank.pipeline import evaluate_oracle
 from kgrank.serve.searcher import Searcher
-
-PERSONA_PARAMS = ("user_log_taste", "user_brand", "user_colour", "user_pattern",
-                  "user_price_band", "user_cluster")
-"""The per-user preference parameters that :meth:`DemoOracle.persona_level` pools."""
 
 
 def main() -> None:
@@ -78,7 +74,7 @@ def main() -> None:
     level = oracle.persona_level(dataset.users["age"].to_numpy())
     pooled = oracle_ndcg(level)
     own = {key: oracle_ndcg(DemoOracle({**level.params, key: oracle.params[key]}, oracle.meta))
-           for key in PERSONA_PARAMS}
+           for key in USER_PREFERENCES}
 
     # 2. the ranker's features on a sample of test requests: what they explain of each term
     stage = searcher.stage

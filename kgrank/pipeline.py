@@ -85,21 +85,21 @@ def baseline_searches(cfg: RunConfig) -> dict[str, tuple[Callable[..., Any], dic
     }
 
 
-def oracle_result(dataset: Dataset, split: Split, cfg: RunConfig,
-                  without: Collection[str] = ()) -> EvalResult | None:
+def oracle_result(dataset: Dataset, split: Split, cfg: RunConfig) -> EvalResult | None:
     """The demo shop's ground-truth scorer on the test requests: an upper bound for any model
-    (``without``: oracle terms left out, see :meth:`DemoOracle.score`); None without an oracle."""
+    (None for a dataset without an oracle)."""
     from kgrank.data.demo import DemoOracle, has_oracle
 
     if not has_oracle(dataset.root):
         return None
-    return evaluate_oracle(DemoOracle.load(dataset.root), dataset, split, cfg, without)
+    return evaluate_oracle(DemoOracle.load(dataset.root), dataset, split, cfg)
 
 
 def evaluate_oracle(oracle: DemoOracle, dataset: Dataset, split: Split, cfg: RunConfig,
                     without: Collection[str] = (), name: str = "oracle") -> EvalResult:
     """Test metrics of a demo oracle (or a variant of one, e.g. :meth:`DemoOracle.persona_level`)
-    through the run's evaluator; ``without`` terms are left out and appended to ``name``."""
+    through the run's evaluator; ``without``: terms left out (see :meth:`DemoOracle.score`),
+    appended to ``name``."""
     from kgrank.data.demo import oracle_requests
 
     test = split.test.drop_duplicates("user_idx", keep="last")

@@ -10,6 +10,9 @@ leaf transition, quality, query match). For the exported run's test requests thi
    parameter, context term and the user's persona known, the user's own deviations from the
    persona not; then with each family of the user's own parameters put back in turn. A learner
    that pools users into segments cannot be expected to beat the persona-level oracle;
+   and with each user's persona inferred from their history instead
+   (:meth:`DemoOracle.persona_inferred`): the shop's score function, every item parameter and
+   every persona's preferences known, the user's segment told from their own positives;
 3. for a sample of test requests, regresses each term's value on the candidates, centred within
    each request (only the order inside a request matters), on the ranker's own feature table
    (a LightGBM regressor fitted on 2/3 of the sampled requests, scored on the other 1/3):
@@ -75,6 +78,15 @@ def main() -> None:
     pooled = oracle_ndcg(level)
     own = {key: oracle_ndcg(DemoOracle({**level.params, key: oracle.params[key]}, oracle.meta))
            for key in USER_PREFERENCES}
+    # the persona told from each user's test-time history (their distinct positives before
+    # the test target) by the shop's own score function, instead of known
+    history = split.history("test")
+    inferred = oracle.persona_inferred(dataset.users["age"].to_numpy(),
+                                       history["user_idx"].to_numpy(),
+                                       history["item_idx"].to_numpy())
+    post = inferred.params["user_persona_posterior"]
+    persona_acc = float((post.argmax(axis=1) == oracle.params["user_persona"]).mean())
+    guessed = oracle_ndcg(inferred)
 
     # 2. the ranker's features on a sample of test requests: what they explain of each term
     stage = searcher.stage
@@ -114,6 +126,9 @@ def main() -> None:
     print(f"\nPersona-level oracle (every item parameter, context term and user's persona "
           f"known; no individual deviations): NDCG@10 {pooled:.4f} = {pooled / full:.3f}x the "
           "oracle")
+    print(f"Persona inferred from the user's history (the shop's score function, every item "
+          f"parameter and every persona's preferences known): NDCG@10 {guessed:.4f}; the "
+          f"posterior's top persona is the true one for {persona_acc:.3f} of the users")
     print("\n| the user's own parameter put back | oracle NDCG@10 |\n|---|---|")
     for key, value in own.items():
         print(f"| {key} | {value:.4f} |")
@@ -122,7 +137,8 @@ def main() -> None:
     worst = max(table[:-1], key=lambda r: r[2])
     all_var, all_res = table[-1][1], table[-1][2]
     print(f"RESULT oracle_gap oracle_ndcg10={full:.4f} persona_oracle_ndcg10={pooled:.4f} "
-          f"persona_ratio={pooled / full:.3f} requests={len(rows)} "
+          f"persona_ratio={pooled / full:.3f} inferred_persona_ndcg10={guessed:.4f} "
+          f"persona_accuracy={persona_acc:.3f} requests={len(rows)} "
           f"features={len(names)} r2_all={1 - all_res / all_var:.3f} "
           f"unexplained_all={all_res:.3f} worst_term={worst[0]} "
           f"worst_unexplained={worst[2]:.3f} "

@@ -458,6 +458,92 @@ class DemoOracle:
         added back. An analysis tool (``benchmarks/oracle_gap.py``): a bound for learners that
         pool users into segments.
         """
+        table = self._personas(ages)
+        persona = self.params["user_persona"].astype(np.int64)
+        params = {
+            **self.params,
+            "user_log_taste": table["log_taste"][persona].astype(np.float32),
+            "user_brand": table["brand"][persona].astype(np.float32),
+            "user_colour": table["colour"][persona].astype(np.float32),
+            "user_pattern": table["pattern"][persona].astype(np.float32),
+            "user_price_band": (table["band"][persona] + table["age_effect"]).astype(np.float32),
+            "user_cluster": table["cluster"][persona].astype(self.params["user_cluster"].dtype),
+        }
+        return DemoOracle(params, self.meta)
+
+    def persona_inferred(self, ages: np.ndarray, users: np.ndarray, items: np.ndarray,
+                         temperature: float = 1.0, chunk: int = 128) -> DemoOracle:
+        """The persona-level oracle with each user's persona *inferred from their history*
+        instead of known: what a learner could reach that knew the shop's score function,
+        every item parameter and every persona's preferences, and had to tell from a user's
+        own positives which persona they belong to.
+
+        ``users`` / ``items``: the (user, item) pairs of the history (e.g. each user's distinct
+        positives before the test target). A user's log-likelihood under persona ``k`` is
+        ``sum_j log softmax_i(s_k(u, i) / temperature)[item_j]`` with ``s_k`` the persona-level
+        score without the context terms (no night shift, city, previous item or query; the
+        cluster term as the share of the persona's members in the item's cluster); the
+        posterior multiplies in the persona's share of users. The user's parameters are then
+        the posterior means of the personas' (log taste, brand shares, colour, pattern, price
+        band; plus the user's age effect) and the cluster with the highest posterior mass.
+        The posterior itself is kept, for analysis, as ``params["user_persona_posterior"]``
+        ([n_users, n_personas]).
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        users = np.asarray(users, np.int64)
+        items = np.asarray(items, np.int64)
+        if users.shape != items.shape:
+            raise ValueError(f"users {users.shape} and items {items.shape} differ in shape")
+        if len(users) and (users.min() < 0 or users.max() >= self.n_users
+                           or items.min() < 0 or items.max() >= self.n_items):
+            raise ValueError("users / items outside the shop")
+        p, t = self.params, self._personas(ages)
+        w = self.weights
+        n_p = len(t["share"])
+        n_clusters = int(max(p["user_cluster"].max(), p["item_cluster"].max())) + 1
+        # persona x item: every term that does not depend on the user's age or context
+        member = np.zeros((n_p, n_clusters))
+        np.add.at(member, (p["user_persona"].astype(np.int64), p["user_cluster"]), 1.0)
+        member /= np.maximum(member.sum(axis=1, keepdims=True), 1.0)
+        fixed = (w["category"] * t["log_taste"][:, p["item_leaf"]]
+                 + w["brand"] * t["brand"][:, p["item_brand"]]
+                 + w["colour"] * t["colour"][:, p["item_colour"]]
+                 + w["pattern"] * t["pattern"][:, p["item_pattern"]]
+                 + w["cluster"] * member[:, p["item_cluster"]]
+                 + w["quality"] * p["item_quality"][None, :])
+        rel = p["item_rel_price"].astype(np.float64)
+        cap, inv = float(self.meta["price_fit_cap"]), 0.5 / float(self.meta["price_sigma"]) ** 2
+        prior = np.log(np.maximum(t["share"], 1e-12))
+        loglik = np.tile(prior, (self.n_users, 1))
+        order = np.argsort(users, kind="stable")
+        users, items = users[order], items[order]
+        for lo in range(0, self.n_users, chunk):
+            hi = min(lo + chunk, self.n_users)
+            band = t["band"][None, :] + t["age_effect"][lo:hi, None]  # [U, P]
+            d = rel[None, None, :] - band[:, :, None]
+            s = (fixed[None] - w["price"] * np.minimum(d * d * inv, cap)) / temperature
+            norm = np.logaddexp.reduce(s, axis=2)  # [U, P]
+            a, b = np.searchsorted(users, [lo, hi])
+            u, i = users[a:b] - lo, items[a:b]
+            ll = s[u, :, i] - norm[u]  # [pairs, P]
+            np.add.at(loglik[lo:hi], u, ll)
+        post = np.exp(loglik - np.logaddexp.reduce(loglik, axis=1, keepdims=True))
+        params = {
+            **p,
+            "user_log_taste": (post @ t["log_taste"]).astype(np.float32),
+            "user_brand": (post @ t["brand"]).astype(np.float32),
+            "user_colour": (post @ t["colour"]).astype(np.float32),
+            "user_pattern": (post @ t["pattern"]).astype(np.float32),
+            "user_price_band": (post @ t["band"] + t["age_effect"]).astype(np.float32),
+            "user_cluster": (post @ member).argmax(axis=1).astype(p["user_cluster"].dtype),
+            "user_persona_posterior": post.astype(np.float32),
+        }
+        return DemoOracle(params, self.meta)
+
+    def _personas(self, ages: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-persona pooled preferences (rows = personas; see :meth:`persona_level`), the
+        personas' shares of users and each user's age effect on the price band."""
         p = self.params
         persona = p["user_persona"].astype(np.int64)
         ages = np.asarray(ages, dtype=np.float64)
@@ -476,17 +562,16 @@ class DemoOracle:
                             if size[k] else 0 for k in range(n_p)])
         taste = mean(np.exp(p["user_log_taste"].astype(np.float64)))
         taste[size == 0] = 1.0  # personas without users (never read): no log(0)
-        params = {
-            **p,
-            "user_log_taste": np.log(taste)[persona].astype(np.float32),
-            "user_brand": mean(p["user_brand"])[persona].astype(np.float32),
-            "user_colour": mean(p["user_colour"])[persona].astype(np.float32),
-            "user_pattern": mean(p["user_pattern"])[persona].astype(np.float32),
-            "user_price_band": (mean(p["user_price_band"] - age_effect)[persona]
-                                + age_effect).astype(np.float32),
-            "user_cluster": cluster[persona].astype(p["user_cluster"].dtype),
+        return {
+            "log_taste": np.log(taste),
+            "brand": mean(p["user_brand"]),
+            "colour": mean(p["user_colour"]),
+            "pattern": mean(p["user_pattern"]),
+            "band": mean(p["user_price_band"] - age_effect),
+            "cluster": cluster,
+            "share": size / size.sum(),
+            "age_effect": age_effect,
         }
-        return DemoOracle(params, self.meta)
 
     # -- encoding of requests ------------------------------------------------------------------
 

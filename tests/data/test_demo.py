@@ -491,6 +491,42 @@ def test_persona_level_oracle(shop: Dataset, shop_oracle: DemoOracle,
         shop_oracle.persona_level(ages[:-1])
 
 
+def test_persona_inferred_oracle(shop: Dataset, shop_oracle: DemoOracle,
+                                 shop_clicks: pd.DataFrame, shop_requests: pd.DataFrame,
+                                 clicked_before: np.ndarray) -> None:
+    """Each user's persona, inferred from their first 8 clicks by the shop's own score
+    function, is mostly the true one; ranking their later clicks with it is close to knowing
+    the persona, and no better."""
+    ages = shop.users["age"].to_numpy()
+    order = shop_clicks.sort_values(["user_idx", "timestamp"], kind="stable")
+    ordinal = order.groupby("user_idx").cumcount().to_numpy()
+    seen = order[ordinal < 8]
+    inferred = shop_oracle.persona_inferred(ages, seen["user_idx"].to_numpy(),
+                                            seen["item_idx"].to_numpy())
+    post = inferred.params["user_persona_posterior"]
+    persona = shop_oracle.params["user_persona"]
+    assert post.shape == (SHOP.n_users, persona.max() + 1)
+    assert np.allclose(post.sum(axis=1), 1.0, atol=1e-5)
+    assert (post.argmax(axis=1) == persona).mean() > 0.7
+    # users are unchanged where the posterior is certain: the persona-level parameters
+    level = shop_oracle.persona_level(ages)
+    sure = post.max(axis=1) > 0.999
+    assert sure.sum() > 0.3 * SHOP.n_users
+    right = sure & (post.argmax(axis=1) == persona)
+    assert np.allclose(inferred.params["user_colour"][right], level.params["user_colour"][right],
+                       atol=1e-2)
+    later = order.index[ordinal >= 8].to_numpy()
+    target = shop_clicks["item_idx"].to_numpy()[later]
+    req = shop_requests.iloc[later].reset_index(drop=True)
+    pooled = ndcg10(level.score(req), target, clicked_before[later])
+    guessed = ndcg10(inferred.score(req), target, clicked_before[later])
+    assert 0.8 * pooled < guessed < 1.02 * pooled
+    with pytest.raises(ValueError, match="temperature"):
+        shop_oracle.persona_inferred(ages, seen["user_idx"], seen["item_idx"], temperature=0)
+    with pytest.raises(ValueError, match="outside"):
+        shop_oracle.persona_inferred(ages, np.array([SHOP.n_users]), np.array([0]))
+
+
 def test_position_bias(shop: Dataset) -> None:
     inter = shop.interactions
     views = inter.loc[inter["event"] == "view", "position"].value_counts()

@@ -138,6 +138,25 @@ class NeighbourIndex:
     """1.0 where the user has priced events."""
     _dense: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
     """similarity block -> dense ``profiles_t`` (small blocks only; built on first use)."""
+    _cached: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, init=False,
+                                                                      repr=False)
+    """(indptr [n_users + 1], neighbour users, similarities): the neighbours of each user's
+    whole history (:meth:`cache_users`)."""
+
+    def cache_users(self, users: np.ndarray, owner: np.ndarray, item: np.ndarray) -> None:
+        """Compute and keep the neighbours of these users' histories (row ``j``: ``users[j]``
+        with the events ``owner == j``), normally each user's whole history. :meth:`features`
+        then reads them for the requests it is told are such rows (``cached``) instead of
+        scoring those users against everyone again: a serving request is usually made after
+        all of its user's history. The entries are the ones :meth:`neighbours` computes (a
+        request's neighbours never depend on its batch)."""
+        users = np.asarray(users, np.int64)
+        r, c, v = self._neighbour_entries(users, owner, item)
+        counts = np.zeros(self.n_users, np.int64)
+        ok = (users >= 0) & (users < self.n_users)
+        counts[users[ok]] = np.bincount(r, minlength=len(users))[ok]
+        by_user = np.argsort(users[r], kind="stable")  # a user's entries stay in column order
+        self._cached = (np.r_[0, np.cumsum(counts)], c[by_user], v[by_user])
 
     def _dense_profiles(self, b: str) -> np.ndarray | None:
         """``profiles_t[b]`` as a dense ``[size, n_users]`` float64 matrix, None when it has more
@@ -248,13 +267,33 @@ class NeighbourIndex:
             vals.append(sim2[r, c].astype(np.float64))
         return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
 
+    def _entries(self, user: np.ndarray, owner: np.ndarray, item: np.ndarray,
+                 cached: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`_neighbour_entries`, read from :meth:`cache_users`'s table for the rows
+        ``cached`` marks (their events are their user's cached history)."""
+        if cached is None or self._cached is None or not cached.any():
+            return self._neighbour_entries(user, owner, item)
+        fresh = np.flatnonzero(~cached)
+        new_row = np.full(len(user), -1, np.int64)
+        new_row[fresh] = np.arange(len(fresh))
+        keep = new_row[owner] >= 0
+        r1, c1, v1 = self._neighbour_entries(user[fresh], new_row[owner[keep]], item[keep])
+        hit = np.flatnonzero(cached)
+        indptr, cols, sims = self._cached
+        k, at = _expand(indptr, user[hit])
+        r = np.concatenate([fresh[r1], hit[k]])
+        c = np.concatenate([c1, cols[at]])
+        order = np.lexsort((c, r))  # by request, then user: as computed in one go
+        return r[order], c[order], np.concatenate([v1, sims[at]])[order]
+
     def features(self, user: np.ndarray, owner: np.ndarray, item: np.ndarray,
-                 rf: np.ndarray, cand: np.ndarray, attributes: list[str]
-                 ) -> dict[str, np.ndarray]:
+                 rf: np.ndarray, cand: np.ndarray, attributes: list[str],
+                 cached: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Every neighbourhood feature over the flattened pairs (``rf`` request, ``cand`` item of
-        each pair)."""
+        each pair); ``cached``: requests whose events are their user's history given to
+        :meth:`cache_users` (their neighbours are read, not computed)."""
         nr = len(user)
-        r, c, s = self._neighbour_entries(user, owner, item)
+        r, c, s = self._entries(user, owner, item, cached)
         n_nbr = np.bincount(r, minlength=nr).astype(np.float64)
         w_sum = np.bincount(r, weights=s, minlength=nr)  # in user order
         wn = s * np.divide(1.0, w_sum, out=np.zeros(nr), where=w_sum > 0)[r]

@@ -147,7 +147,9 @@ class QueryCache:
         self.vectors = np.concatenate([self.vectors, vectors])
 
     def lookup(self, queries: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        """(rows [R] with 0 = no query, table [Q + 1, dim]) for an object array of str / None."""
+        """(rows [R] with 0 = no query, table [Q + 1, dim]) for an object array of str / None:
+        row 0 of the table is zeros, the others the vectors of the distinct queries asked for
+        (only those: copying the whole cache per serving batch cost ~0.5 ms on the demo)."""
         if self.dim == 0:
             return np.zeros(len(queries), np.int64), torch.zeros(1, 0)
         new = sorted({q for q in queries if q is not None and q not in self.rows})
@@ -159,10 +161,12 @@ class QueryCache:
                 raise ValueError(f"encode_query returned {vectors.shape} (or non-finite values) "
                                  f"for {len(new)} queries; expected dim {self.dim}")
             self.add(new, vectors)
-        rows = np.array([0 if q is None else self.rows[q] + 1 for q in queries], np.int64)
-        table = torch.from_numpy(np.concatenate([np.zeros((1, self.dim), np.float32),
-                                                 self.vectors]))
-        return rows, table
+        cached = np.array([-1 if q is None else self.rows[q] for q in queries], np.int64)
+        used, rows = np.unique(cached, return_inverse=True)  # -1 (no query) sorts first
+        rows = rows.reshape(-1).astype(np.int64) + (0 if len(used) and used[0] == -1 else 1)
+        table = np.zeros((1 + int((used >= 0).sum()), self.dim), np.float32)
+        table[1:] = self.vectors[used[used >= 0]]
+        return rows, torch.from_numpy(table)
 
 
 def request_features(

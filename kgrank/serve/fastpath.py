@@ -47,6 +47,8 @@ class FastPart:
         self.n_items = split.n_items
         history: pd.DataFrame = stage._fitted(part, "history", lambda: split.history(part))
         self.behaviour = stage._fit_cache[(part, "behaviour")]
+        if self.behaviour is not None:
+            self.behaviour.cache_neighbours()
         self.baselines = [(name, stage._fit_cache[(part, name)])
                           for name in stage.inputs.baselines]
         self.embeddings = stage._embeddings(part)

@@ -237,6 +237,30 @@ def test_same_time_order_and_item_ids_do_not_matter() -> None:
     assert (base["nbr_sim"] > 0).all()
 
 
+def test_cached_neighbours_give_the_same_bits() -> None:
+    """Serving caches each user's neighbours of their whole history: requests made after all of
+    their user's events read them, the others (earlier requests, unknown users) compute theirs;
+    every feature is the same bits as without the cache."""
+    rng = np.random.default_rng(1)
+    n_users, n_items = 25, 30
+    history, items = _random_history(rng, n_users, n_items), _random_items(rng, n_items)
+    users = [*range(n_users), -1, 3, 7]
+    times = [int(rng.integers(0, 7 * DAY)) for _ in range(n_users)] + [DAY, 10 * DAY, 0]
+    req = _requests(users, times)
+    cand = np.stack([rng.permutation(n_items)[:12] for _ in users])
+    feats = BehaviourFeatures.fit(history, items, n_users, n_items, 3, 2.0,
+                                  attributes=["colour"], session_gap_s=DAY, neighbours=5)
+    plain = feats.transform(req, cand)
+    feats.cache_neighbours()
+    last = history.groupby("user_idx")["timestamp"].max()
+    after_all = np.array([u >= 0 and req.timestamp[r] >= last[u].timestamp()
+                          for r, u in enumerate(users)])
+    assert 0 < after_all.sum() < len(users)  # both paths are taken
+    cached = feats.transform(req, cand)
+    for name in plain:
+        np.testing.assert_array_equal(plain[name], cached[name], err_msg=name)
+
+
 def test_empty_history_and_bare_items_are_finite() -> None:
     feats = _fit(_history(TOY), n_users=6)
     req = _requests([5, -1, 0], [DAY, DAY, DAY], device=["tablet", None, "mobile"],

@@ -98,6 +98,29 @@ def test_requests_in_a_batch_do_not_change_each_other() -> None:
             assert np.array_equal(together[name][rf == r], values), (r, name)
 
 
+def test_cached_users_read_back_the_same_entries() -> None:
+    """``cache_users`` keeps each user's neighbours; rows marked ``cached`` read them (mixed
+    with computed rows in one batch) and every feature keeps its bits."""
+    index, _, user, item = _index(np.random.default_rng(7), 4)
+    order = np.argsort(user, kind="stable")
+    ids = np.unique(user)
+    index.cache_users(ids, np.searchsorted(ids, user[order]), item[order])
+    req_user = np.array([ids[0], -1, ids[3], ids[5], ids[3]])
+    # rows 0, 2 and 3 ask with their user's whole history, rows 1 and 4 with other events
+    events = [item[user == ids[0]], item[:5], item[user == ids[3]], item[user == ids[5]],
+              item[user == ids[3]][:2]]
+    owner = np.repeat(np.arange(5), [len(e) for e in events])
+    ev_item = np.concatenate(events)
+    rf = np.repeat(np.arange(5), N_ITEMS)
+    cand = np.tile(np.arange(N_ITEMS), 5)
+    whole = np.array([True, False, True, True, False])
+    computed = index.features(req_user, owner, ev_item, rf, cand, [])
+    read = index.features(req_user, owner, ev_item, rf, cand, [], cached=whole)
+    for name, values in computed.items():
+        assert np.array_equal(read[name], values), name
+    assert (computed["nbr_sim"][rf == 0] > 0).all()
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_dense_and_sparse_paths_give_the_same_bits(seed: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:

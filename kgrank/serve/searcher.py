@@ -70,32 +70,6 @@ class StoredGraph:
         return self.user, self.item
 
 
-class _Fixed(QueryCache):
-    """A query cache whose lookup answer is already known."""
-
-    def __init__(self, dim: int, rows: np.ndarray, table: torch.Tensor) -> None:
-        super().__init__(None, dim)
-        self._answer = (rows, table)
-
-    def lookup(self, queries: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        return self._answer
-
-
-def _one_query(cache: QueryCache, queries: np.ndarray) -> QueryCache:
-    """``cache.lookup`` of one request as a two-row table (the same query vector for the user
-    tower; the whole cache is not copied per request)."""
-    q = queries[0]
-    if cache.dim == 0:
-        return cache
-    if q is None:
-        return _Fixed(cache.dim, np.zeros(1, np.int64), torch.zeros(1, cache.dim))
-    if q not in cache.rows:
-        cache.lookup(queries)  # encodes and adds it
-    table = np.zeros((2, cache.dim), np.float32)
-    table[1] = cache.vectors[cache.rows[q]]
-    return _Fixed(cache.dim, np.ones(1, np.int64), torch.from_numpy(table))
-
-
 def users_index(index: EventIndex, users: np.ndarray) -> EventIndex:
     """The :class:`EventIndex` of the events of ``users`` (any order, repeats and -1 ignored),
     sliced from an index of a whole history: equal to ``EventIndex(<the history's rows of those
@@ -157,12 +131,9 @@ class OnnxFusion:
                 if self._base[0]:
                     fresh.add(*self._base)
                 self.queries = fresh
-            if len(requests) == 1:  # one request: a two-row query table, not the whole cache
-                queries: QueryCache = _one_query(self.queries, requests.query)
-            else:
-                queries = self.queries
-            return request_features(requests, index, self.vocab, queries, self.history_len,
-                                    strict=False)
+            # (the query table holds only the batch's queries: QueryCache.lookup)
+            return request_features(requests, index, self.vocab, self.queries,
+                                    self.history_len, strict=False)
 
     def user_vectors(self, requests: Requests, history: pd.DataFrame, chunk: int = 4096
                      ) -> np.ndarray:

@@ -677,22 +677,23 @@ class BehaviourFeatures:
         if cand.size and (cand.max() >= self.n_items or cand.min() < -1):
             raise ValueError(f"candidate ids must be in [-1, {self.n_items})")
         names = self.feature_names
-        out = {name: np.zeros(cand.shape, dtype=np.float32) for name in names}
+        # one [F, R, C] block; each feature is a contiguous view of it (no per-feature copies)
+        block = np.empty((len(names), *cand.shape), dtype=np.float32)
+        width = cand.shape[1]
         for lo in range(0, len(requests), CHUNK):
-            rows = np.arange(lo, min(lo + CHUNK, len(requests)))
+            hi = min(lo + CHUNK, len(requests))
             # Candidates sorted within each request make the sorted-key lookups local.
-            perm = np.argsort(cand[rows], axis=1, kind="stable")
-            sorted_cand = np.take_along_axis(cand[rows], perm, axis=1)
-            part = self._chunk(requests.take(rows), sorted_cand)
-            # every feature at once: [F, r, C] float64 -> padding / non-finite to 0 -> float32,
-            # back in the caller's candidate order
-            values = np.stack([part[name].reshape(len(rows), -1) for name in names])
-            values = np.where((sorted_cand < 0) | ~np.isfinite(values), 0.0, values)
-            block = np.empty(values.shape, np.float32)
-            block[:, np.arange(len(rows))[:, None], perm] = values
-            for j, name in enumerate(names):
-                out[name][rows] = block[j]
-        return out
+            perm = np.argsort(cand[lo:hi], axis=1, kind="stable")
+            sorted_cand = np.take_along_axis(cand[lo:hi], perm, axis=1)
+            part = self._chunk(requests.take(np.arange(lo, hi)), sorted_cand)
+            # every feature at once: [F, r, C] float64, padding / non-finite set to 0, then
+            # gathered back into the caller's candidate order as float32
+            values = np.stack([part[name].reshape(hi - lo, width) for name in names])
+            np.copyto(values, 0.0, where=(sorted_cand < 0) | ~np.isfinite(values))
+            back = np.empty_like(perm)  # position of each caller column in the sorted order
+            np.put_along_axis(back, perm, np.arange(width)[None, :], axis=1)
+            block[:, lo:hi] = np.take_along_axis(values, back[None], axis=2)
+        return {name: block[j] for j, name in enumerate(names)}
 
     def _session_features(self, t: np.ndarray, start: np.ndarray, stop: np.ndarray,
                           has: np.ndarray, rf: np.ndarray, cand: np.ndarray

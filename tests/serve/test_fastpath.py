@@ -15,6 +15,7 @@ import pytest
 from kgrank.export import load
 from kgrank.features.requests import Requests, requests_for_targets
 from kgrank.fusion.inputs import EventIndex
+from kgrank.serve import compiled as compiled_mod
 from kgrank.serve.compiled import compile_booster
 from kgrank.serve.searcher import (
     PART,
@@ -168,6 +169,18 @@ def test_compiled_trees_are_cached_and_optional(tmp_path: Path, searcher: Search
         first.predict(x[:, :3])
     monkeypatch.setitem(sys.modules, "lleaves", None)  # not installed: LightGBM is kept
     assert compile_booster(text, tmp_path) is None
+
+
+def test_compile_options_are_part_of_the_cache_key(tmp_path: Path, searcher: Searcher,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    text = searcher.ltr.booster.model_to_string(num_iteration=searcher.ltr.best_iteration)
+    small = compile_booster(text, tmp_path)
+    monkeypatch.setattr(compiled_mod, "COMPILE_OPTIONS", {})  # lleaves' defaults
+    large = compile_booster(text, tmp_path)
+    assert small is not None and large is not None
+    assert len(list((tmp_path / "lleaves").glob("*.o"))) == 2  # one object per option set
+    x = np.random.default_rng(1).normal(size=(200, small.n_features))
+    assert np.allclose(small.predict(x), large.predict(x), rtol=0, atol=1e-12)
 
 
 def test_single_thread_lightgbm_matches_the_model(searcher: Searcher) -> None:
